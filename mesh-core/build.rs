@@ -1,0 +1,17 @@
+//! Compiles the Istio-compatible protos with protox (pure Rust), so no system `protoc` is needed.
+
+const PROTOS: &[&str] = &[
+    "workload.proto",
+    "authorization.proto",
+    "discovery.proto",
+    "ca.proto",
+];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto");
+    let descriptors = protox::compile(PROTOS, ["proto"])?;
+    tonic_prost_build::configure()
+        .build_transport(false)
+        .compile_fds(descriptors)?;
+    Ok(())
+}
