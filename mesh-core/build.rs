@@ -5,6 +5,8 @@ const PROTOS: &[&str] = &[
     "authorization.proto",
     "discovery.proto",
     "ca.proto",
+    "envoy_core.proto",
+    "rpc_status.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -32,7 +32,7 @@ pub enum TlsError {
 }
 
 /// The peer presented a valid certificate for an identity other than the one expected.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[error("peer presented identity {presented}, expected {}", display_list(.expected))]
 pub struct IdentityMismatch {
     pub expected: Vec<SpiffeId>,
