@@ -2,7 +2,13 @@
 //! workloads and services, authorization policies, delta ADS, and the CA API. Modules nest like
 //! the proto packages because generated code refers across packages with relative paths.
 
-#![allow(clippy::all, clippy::pedantic, missing_docs, missing_debug_implementations, unreachable_pub)]
+#![allow(
+    clippy::all,
+    clippy::pedantic,
+    missing_docs,
+    missing_debug_implementations,
+    unreachable_pub
+)]
 
 macro_rules! generated {
     ($file:literal) => {

@@ -6,21 +6,44 @@ use crate::identity::{IdentityMismatch, SpiffeId, TlsError};
 #[derive(Debug, thiserror::Error)]
 pub enum HboneError {
     #[error("connect to {address}: {source}")]
-    Connect { address: SocketAddr, source: std::io::Error },
+    Connect {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("HBONE to {address}: {mismatch}")]
-    IdentityMismatch { address: SocketAddr, mismatch: IdentityMismatch },
+    IdentityMismatch {
+        address: SocketAddr,
+        mismatch: IdentityMismatch,
+    },
     #[error("TLS handshake with {address} (expecting {expected}): {source}")]
-    Handshake { address: SocketAddr, expected: SpiffeId, source: std::io::Error },
+    Handshake {
+        address: SocketAddr,
+        expected: SpiffeId,
+        source: std::io::Error,
+    },
     #[error("TLS handshake from {peer}: {source}")]
-    Accept { peer: SocketAddr, source: std::io::Error },
+    Accept {
+        peer: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("handshake with {address} timed out")]
     Timeout { address: SocketAddr },
     #[error("TLS configuration: {0}")]
     Tls(#[from] TlsError),
     #[error("HTTP/2 with {address}: {source}")]
-    H2 { address: SocketAddr, source: h2::Error },
+    H2 {
+        address: SocketAddr,
+        source: h2::Error,
+    },
     #[error("CONNECT {authority} via {address} answered {status}")]
-    Status { address: SocketAddr, authority: SocketAddr, status: http::StatusCode },
+    Status {
+        address: SocketAddr,
+        authority: SocketAddr,
+        status: http::StatusCode,
+    },
     #[error("invalid CONNECT request for {authority}: {source}")]
-    Request { authority: SocketAddr, source: http::Error },
+    Request {
+        authority: SocketAddr,
+        source: http::Error,
+    },
 }

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::{H2Settings, H2Stream, HANDSHAKE_TIMEOUT, HboneError};
-use crate::identity::{IdentityMismatch, SpiffeId, WorkloadCertificate, tls};
+use crate::identity::{SpiffeId, WorkloadCertificate, tls};
 
 /// Which connections may carry a stream: same client identity, same expected server identity,
 /// same address.
@@ -38,7 +38,11 @@ pub struct PoolConfig {
 
 impl Default for PoolConfig {
     fn default() -> Self {
-        Self { max_streams_per_connection: 100, idle_timeout: Duration::from_secs(30), settings: H2Settings::default() }
+        Self {
+            max_streams_per_connection: 100,
+            idle_timeout: Duration::from_secs(30),
+            settings: H2Settings::default(),
+        }
     }
 }
 
@@ -77,7 +81,9 @@ const CLOSED: usize = usize::MAX;
 impl ConnectionState {
     fn try_reserve(self: &Arc<Self>, max: usize) -> Option<StreamGuard> {
         self.streams
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n != CLOSED && n < max).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n != CLOSED && n < max).then_some(n + 1)
+            })
             .ok()
             .map(|_| StreamGuard(self.clone()))
     }
@@ -92,7 +98,9 @@ impl ConnectionState {
 
     /// Closes the connection if it still carries no stream.
     fn close_if_idle(&self) -> bool {
-        self.streams.compare_exchange(0, CLOSED, Ordering::AcqRel, Ordering::Acquire).is_ok()
+        self.streams
+            .compare_exchange(0, CLOSED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
     }
 }
 
@@ -104,7 +112,9 @@ impl Drop for StreamGuard {
         let previous = self
             .0
             .streams
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n != CLOSED).then(|| n - 1));
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n != CLOSED).then(|| n - 1)
+            });
         if previous == Ok(1) {
             *self.0.idle_since.lock().expect("not poisoned") = Instant::now();
         }
@@ -133,7 +143,11 @@ impl Pool {
         authority: SocketAddr,
         headers: HeaderMap,
     ) -> Result<H2Stream, HboneError> {
-        debug_assert_eq!(certificate.identity(), &key.source, "pool key and certificate disagree");
+        debug_assert_eq!(
+            certificate.identity(),
+            &key.source,
+            "pool key and certificate disagree"
+        );
         if let Some((connection, guard)) = self.checkout(key) {
             match send_connect(&connection, guard, key.address, authority, headers.clone()).await {
                 // A pooled connection may have died since it was last used: try a fresh one.
@@ -148,7 +162,11 @@ impl Pool {
     /// How many open connections the pool holds (for tests and metrics).
     pub fn connection_count(&self) -> usize {
         let connections = self.inner.connections.lock().expect("not poisoned");
-        connections.values().flatten().filter(|c| !c.state.is_closed()).count()
+        connections
+            .values()
+            .flatten()
+            .filter(|c| !c.state.is_closed())
+            .count()
     }
 
     fn checkout(&self, key: &PoolKey) -> Option<(Connection, StreamGuard)> {
@@ -156,7 +174,8 @@ impl Pool {
         let list = connections.get_mut(key)?;
         list.retain(|c| !c.state.is_closed());
         let max = self.inner.config.max_streams_per_connection;
-        list.iter().find_map(|c| Some((c.clone(), c.state.try_reserve(max)?)))
+        list.iter()
+            .find_map(|c| Some((c.clone(), c.state.try_reserve(max)?)))
     }
 
     async fn checkout_or_dial(
@@ -181,17 +200,35 @@ impl Pool {
             }
         }
         let connection = result?;
-        let guard = connection.state.try_reserve(usize::MAX - 1).expect("new connection is open");
-        self.inner.connections.lock().expect("not poisoned").entry(key.clone()).or_default().push(connection.clone());
+        let guard = connection
+            .state
+            .try_reserve(usize::MAX - 1)
+            .expect("new connection is open");
+        self.inner
+            .connections
+            .lock()
+            .expect("not poisoned")
+            .entry(key.clone())
+            .or_default()
+            .push(connection.clone());
         Ok((connection, guard))
     }
 
-    async fn dial(&self, key: &PoolKey, certificate: &WorkloadCertificate) -> Result<Connection, HboneError> {
+    async fn dial(
+        &self,
+        key: &PoolKey,
+        certificate: &WorkloadCertificate,
+    ) -> Result<Connection, HboneError> {
         let address = key.address;
         let settings = self.inner.config.settings;
-        let tls_config = Arc::new(tls::client_config(certificate, vec![key.destination.clone()])?);
+        let tls_config = Arc::new(tls::client_config(
+            certificate,
+            vec![key.destination.clone()],
+        )?);
         let handshake = async {
-            let tcp = TcpStream::connect(address).await.map_err(|source| HboneError::Connect { address, source })?;
+            let tcp = TcpStream::connect(address)
+                .await
+                .map_err(|source| HboneError::Connect { address, source })?;
             let _ = tcp.set_nodelay(true);
             let tls = tokio_rustls::TlsConnector::from(tls_config)
                 .connect(ServerName::IpAddress(address.ip().into()), tcp)
@@ -247,7 +284,10 @@ async fn drive(
     key: PoolKey,
     id: u64,
 ) {
-    let idle_timeout = pool.upgrade().map(|p| p.config.idle_timeout).unwrap_or_default();
+    let idle_timeout = pool
+        .upgrade()
+        .map(|p| p.config.idle_timeout)
+        .unwrap_or_default();
     tokio::pin!(connection);
     tokio::select! {
         result = &mut connection => {
@@ -314,25 +354,32 @@ async fn send_connect(
     let (response, send) = sender.send_request(request, false).map_err(h2_error)?;
     let response = response.await.map_err(h2_error)?;
     if response.status() != StatusCode::OK {
-        return Err(HboneError::Status { address, authority, status: response.status() });
+        return Err(HboneError::Status {
+            address,
+            authority,
+            status: response.status(),
+        });
     }
-    Ok(H2Stream::new(send, response.into_body(), Some(Box::new(guard))))
+    Ok(H2Stream::new(
+        send,
+        response.into_body(),
+        Some(Box::new(guard)),
+    ))
 }
 
 /// Turns a failed client handshake into the most precise error: a wrong server identity names
 /// both identities.
 fn handshake_error(key: &PoolKey, source: std::io::Error) -> HboneError {
-    let mismatch = source
-        .get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        .and_then(|error| match error {
-            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)) => {
-                other.0.downcast_ref::<IdentityMismatch>().cloned()
-            }
-            _ => None,
-        });
+    let mismatch = tls::identity_mismatch(&source);
     match mismatch {
-        Some(mismatch) => HboneError::IdentityMismatch { address: key.address, mismatch },
-        None => HboneError::Handshake { address: key.address, expected: key.destination.clone(), source },
+        Some(mismatch) => HboneError::IdentityMismatch {
+            address: key.address,
+            mismatch,
+        },
+        None => HboneError::Handshake {
+            address: key.address,
+            expected: key.destination.clone(),
+            source,
+        },
     }
 }

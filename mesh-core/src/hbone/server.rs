@@ -28,7 +28,10 @@ pub trait ServerCertificates: Send + Sync + 'static {
 
 /// One certificate for every address.
 impl ServerCertificates for Arc<ServerConfig> {
-    async fn server_config(&self, _local: SocketAddr) -> Result<Arc<ServerConfig>, Box<dyn std::error::Error + Send + Sync>> {
+    async fn server_config(
+        &self,
+        _local: SocketAddr,
+    ) -> Result<Arc<ServerConfig>, Box<dyn std::error::Error + Send + Sync>> {
         Ok(self.clone())
     }
 }
@@ -56,7 +59,10 @@ impl InboundRequest {
 
     /// Answers `status` (401 denied, 503 app unreachable, 400 malformed) and ends the stream.
     pub fn reject(mut self, status: StatusCode) {
-        let response = Response::builder().status(status).body(()).expect("status-only response is valid");
+        let response = Response::builder()
+            .status(status)
+            .body(())
+            .expect("status-only response is valid");
         if let Err(error) = self.respond.send_response(response, true) {
             debug!(%error, "could not send rejection");
         }
@@ -72,7 +78,10 @@ pub struct Server<C> {
 
 impl<C: ServerCertificates> Server<C> {
     pub fn new(certificates: C) -> Self {
-        Self { certificates: Arc::new(certificates), settings: H2Settings::default() }
+        Self {
+            certificates: Arc::new(certificates),
+            settings: H2Settings::default(),
+        }
     }
 
     pub fn with_settings(mut self, settings: H2Settings) -> Self {
@@ -130,19 +139,29 @@ impl<C: ServerCertificates> Connection<C> {
         }
     }
 
-    async fn run<H, F>(self, stream: TcpStream, handler: Arc<H>, drain: drain::Watch) -> Result<(), HboneError>
+    async fn run<H, F>(
+        self,
+        stream: TcpStream,
+        handler: Arc<H>,
+        drain: drain::Watch,
+    ) -> Result<(), HboneError>
     where
         H: Fn(InboundRequest) -> F + Send + Sync + 'static,
         F: Future<Output = ()> + Send + 'static,
     {
         let peer = self.peer;
         let _ = stream.set_nodelay(true);
-        let local = stream.local_addr().map_err(|source| HboneError::Accept { peer, source })?;
-        let config = self
-            .certificates
-            .server_config(local)
-            .await
-            .map_err(|e| HboneError::Accept { peer, source: std::io::Error::other(e) })?;
+        let local = stream
+            .local_addr()
+            .map_err(|source| HboneError::Accept { peer, source })?;
+        let config =
+            self.certificates
+                .server_config(local)
+                .await
+                .map_err(|e| HboneError::Accept {
+                    peer,
+                    source: std::io::Error::other(e),
+                })?;
         let handshake = async {
             let tls = tokio_rustls::TlsAcceptor::from(config)
                 .accept(stream)
@@ -156,7 +175,10 @@ impl<C: ServerCertificates> Connection<C> {
                 .max_concurrent_streams(self.settings.max_concurrent_streams)
                 .handshake::<_, Bytes>(tls)
                 .await
-                .map_err(|source| HboneError::H2 { address: peer, source })?;
+                .map_err(|source| HboneError::H2 {
+                    address: peer,
+                    source,
+                })?;
             Ok::<_, HboneError>((peer_identity, h2))
         };
         let (peer_identity, mut h2) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
@@ -177,7 +199,10 @@ impl<C: ServerCertificates> Connection<C> {
                 }
             };
             let Some(next) = next else { break };
-            let (request, respond) = next.map_err(|source| HboneError::H2 { address: peer, source })?;
+            let (request, respond) = next.map_err(|source| HboneError::H2 {
+                address: peer,
+                source,
+            })?;
             if let Some(inbound) = self.inbound_request(request, respond, &peer_identity, local) {
                 tokio::spawn(handler(inbound).in_current_span());
             }
@@ -195,11 +220,21 @@ impl<C: ServerCertificates> Connection<C> {
         local: SocketAddr,
     ) -> Option<InboundRequest> {
         let authority = (request.method() == Method::CONNECT)
-            .then(|| request.uri().authority()?.as_str().parse::<SocketAddr>().ok())
+            .then(|| {
+                request
+                    .uri()
+                    .authority()?
+                    .as_str()
+                    .parse::<SocketAddr>()
+                    .ok()
+            })
             .flatten();
         let Some(authority) = authority else {
             debug!(method = %request.method(), uri = %request.uri(), "malformed HBONE request: want CONNECT to ip:port");
-            let response = Response::builder().status(StatusCode::BAD_REQUEST).body(()).expect("valid");
+            let response = Response::builder()
+                .status(StatusCode::BAD_REQUEST)
+                .body(())
+                .expect("valid");
             let _ = respond.send_response(response, true);
             return None;
         };

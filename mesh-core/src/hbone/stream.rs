@@ -31,8 +31,18 @@ impl std::fmt::Debug for H2Stream {
 }
 
 impl H2Stream {
-    pub(crate) fn new(send: SendStream<Bytes>, recv: RecvStream, guard: Option<Box<dyn Send + Sync>>) -> Self {
-        Self { send, recv, pending: Bytes::new(), write_closed: false, _guard: guard }
+    pub(crate) fn new(
+        send: SendStream<Bytes>,
+        recv: RecvStream,
+        guard: Option<Box<dyn Send + Sync>>,
+    ) -> Self {
+        Self {
+            send,
+            recv,
+            pending: Bytes::new(),
+            write_closed: false,
+            _guard: guard,
+        }
     }
 }
 
@@ -49,7 +59,11 @@ fn h2_to_io(error: h2::Error) -> io::Error {
 }
 
 impl AsyncRead for H2Stream {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if this.pending.is_empty() {
             match ready!(this.recv.poll_data(cx)) {
@@ -60,7 +74,9 @@ impl AsyncRead for H2Stream {
                     let _ = this.recv.flow_control().release_capacity(data.len());
                     this.pending = data;
                 }
-                Some(Err(e)) if e.reason() == Some(h2::Reason::NO_ERROR) => return Poll::Ready(Ok(())),
+                Some(Err(e)) if e.reason() == Some(h2::Reason::NO_ERROR) => {
+                    return Poll::Ready(Ok(()));
+                }
                 Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
             }
         }
@@ -72,7 +88,11 @@ impl AsyncRead for H2Stream {
 }
 
 impl AsyncWrite for H2Stream {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
@@ -87,7 +107,8 @@ impl AsyncWrite for H2Stream {
             };
         }
         let n = available.min(buf.len());
-        send.send_data(Bytes::copy_from_slice(&buf[..n]), false).map_err(h2_to_io)?;
+        send.send_data(Bytes::copy_from_slice(&buf[..n]), false)
+            .map_err(h2_to_io)?;
         Poll::Ready(Ok(n))
     }
 

@@ -11,8 +11,8 @@ use rcgen::{
 use rustls::RootCertStore;
 use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 
-use super::certificate::{CertificateError, WorkloadCertificate, parse_certificates, root_store};
 use super::SpiffeId;
+use super::certificate::{CertificateError, WorkloadCertificate, parse_certificates, root_store};
 
 /// Why the authority could not be loaded or could not sign.
 #[derive(Debug, thiserror::Error)]
@@ -20,7 +20,10 @@ pub enum AuthorityError {
     #[error("could not generate the CA key or certificate: {0}")]
     Generate(rcgen::Error),
     #[error("CA {what} is not usable: {source}")]
-    Load { what: &'static str, source: rcgen::Error },
+    Load {
+        what: &'static str,
+        source: rcgen::Error,
+    },
     #[error("CA certificates: {0}")]
     Certificates(#[from] CertificateError),
     #[error("certificate signing request is malformed or its signature is invalid: {0}")]
@@ -28,7 +31,10 @@ pub enum AuthorityError {
     #[error("certificate signing request uses {0:?}; only ECDSA P-256 is accepted")]
     CsrAlgorithm(String),
     #[error("could not sign the certificate for {identity}: {source}")]
-    Sign { identity: SpiffeId, source: rcgen::Error },
+    Sign {
+        identity: SpiffeId,
+        source: rcgen::Error,
+    },
 }
 
 /// The PEM files of a CA in Istio's `cacerts` layout.
@@ -61,12 +67,19 @@ const BACKDATE: Duration = Duration::from_secs(5 * 60);
 impl Authority {
     /// Creates a new self-signed root for `trust_domain`.
     pub fn self_signed(trust_domain: &str) -> Result<Self, AuthorityError> {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(AuthorityError::Generate)?;
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(AuthorityError::Generate)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = rcgen::DistinguishedName::new();
-        params.distinguished_name.push(DnType::OrganizationName, trust_domain);
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, trust_domain);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         let now = SystemTime::now();
         params.not_before = (now - BACKDATE).into();
         params.not_after = (now + ROOT_VALIDITY).into();
@@ -82,12 +95,26 @@ impl Authority {
 
     /// Loads a CA from its PEM files.
     pub fn from_pem(pem: AuthorityPem) -> Result<Self, AuthorityError> {
-        let key = KeyPair::from_pem(&pem.ca_key).map_err(|source| AuthorityError::Load { what: "key (ca-key.pem)", source })?;
-        let issuer = Issuer::from_ca_cert_pem(&pem.ca_cert, key)
-            .map_err(|source| AuthorityError::Load { what: "certificate (ca-cert.pem)", source })?;
+        let key = KeyPair::from_pem(&pem.ca_key).map_err(|source| AuthorityError::Load {
+            what: "key (ca-key.pem)",
+            source,
+        })?;
+        let issuer =
+            Issuer::from_ca_cert_pem(&pem.ca_cert, key).map_err(|source| AuthorityError::Load {
+                what: "certificate (ca-cert.pem)",
+                source,
+            })?;
         let chain = parse_certificates("cert-chain.pem", &pem.cert_chain)?;
-        let roots = Arc::new(root_store(&parse_certificates("root-cert.pem", &pem.root_cert)?)?);
-        Ok(Self { issuer, pem, chain, roots })
+        let roots = Arc::new(root_store(&parse_certificates(
+            "root-cert.pem",
+            &pem.root_cert,
+        )?)?);
+        Ok(Self {
+            issuer,
+            pem,
+            chain,
+            roots,
+        })
     }
 
     pub fn pem(&self) -> &AuthorityPem {
@@ -101,25 +128,46 @@ impl Authority {
 
     /// Signs a PEM CSR for `identity`, whatever SANs the CSR asked for, valid from now for `validity`.
     /// Returns the chain, leaf first, one PEM each (the `cert_chain` of Istio's CA API).
-    pub fn sign_csr(&self, csr_pem: &str, identity: &SpiffeId, validity: Duration) -> Result<Vec<String>, AuthorityError> {
-        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(AuthorityError::InvalidCsr)?;
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        identity: &SpiffeId,
+        validity: Duration,
+    ) -> Result<Vec<String>, AuthorityError> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(AuthorityError::InvalidCsr)?;
         if csr.public_key.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256 {
-            return Err(AuthorityError::CsrAlgorithm(format!("{:?}", csr.public_key.algorithm())));
+            return Err(AuthorityError::CsrAlgorithm(format!(
+                "{:?}",
+                csr.public_key.algorithm()
+            )));
         }
         let now = SystemTime::now();
         let params = workload_params(identity, now - BACKDATE, now + validity)?;
         let cert = params
             .signed_by(&csr.public_key, &self.issuer)
-            .map_err(|source| AuthorityError::Sign { identity: identity.clone(), source })?;
+            .map_err(|source| AuthorityError::Sign {
+                identity: identity.clone(),
+                source,
+            })?;
         Ok(self.with_chain(cert.pem()))
     }
 
     /// Generates a key and a certificate for `identity` valid over `[not_before, not_after]`.
-    pub fn issue(&self, identity: &SpiffeId, not_before: SystemTime, not_after: SystemTime) -> Result<WorkloadCertificate, AuthorityError> {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(AuthorityError::Generate)?;
+    pub fn issue(
+        &self,
+        identity: &SpiffeId,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<WorkloadCertificate, AuthorityError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(AuthorityError::Generate)?;
         let cert = workload_params(identity, not_before, not_after)?
             .signed_by(&key, &self.issuer)
-            .map_err(|source| AuthorityError::Sign { identity: identity.clone(), source })?;
+            .map_err(|source| AuthorityError::Sign {
+                identity: identity.clone(),
+                source,
+            })?;
         let mut chain = vec![cert.der().clone()];
         chain.extend(self.chain.iter().cloned());
         let key = PrivatePkcs8KeyDer::from(key.serialize_der()).into();
@@ -133,16 +181,29 @@ impl Authority {
     }
 }
 
-fn workload_params(identity: &SpiffeId, not_before: SystemTime, not_after: SystemTime) -> Result<CertificateParams, AuthorityError> {
+fn workload_params(
+    identity: &SpiffeId,
+    not_before: SystemTime,
+    not_after: SystemTime,
+) -> Result<CertificateParams, AuthorityError> {
     let mut params = CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
     let uri = identity
         .to_string()
         .try_into()
-        .map_err(|source| AuthorityError::Sign { identity: identity.clone(), source })?;
+        .map_err(|source| AuthorityError::Sign {
+            identity: identity.clone(),
+            source,
+        })?;
     params.subject_alt_names = vec![SanType::URI(uri)];
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
     params.use_authority_key_identifier_extension = true;
     params.not_before = not_before.into();
     params.not_after = not_after.into();

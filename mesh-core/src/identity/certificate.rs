@@ -59,7 +59,11 @@ impl Clone for WorkloadCertificate {
 
 impl WorkloadCertificate {
     /// Reads a bundle from PEM: the chain (leaf first), the PKCS#8 key and the roots.
-    pub fn from_pem(chain_pem: &str, key_pem: &str, roots_pem: &str) -> Result<Self, CertificateError> {
+    pub fn from_pem(
+        chain_pem: &str,
+        key_pem: &str,
+        roots_pem: &str,
+    ) -> Result<Self, CertificateError> {
         let chain = parse_certificates("certificate chain", chain_pem)?;
         let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|source| {
             CertificateError::Pem {
@@ -77,7 +81,9 @@ impl WorkloadCertificate {
         key: PrivateKeyDer<'static>,
         roots: Arc<RootCertStore>,
     ) -> Result<Self, CertificateError> {
-        let leaf = chain.first().ok_or(CertificateError::Empty("certificate chain"))?;
+        let leaf = chain
+            .first()
+            .ok_or(CertificateError::Empty("certificate chain"))?;
         let info = LeafInfo::read(leaf)?;
         Ok(Self {
             identity: info.identity,

@@ -20,11 +20,15 @@ pub enum SpiffeIdError {
     Scheme(String),
     #[error("SPIFFE ID {0:?} has an empty trust domain")]
     EmptyTrustDomain(String),
-    #[error("SPIFFE ID {id:?}: trust domain {trust_domain:?} may hold only lowercase letters, digits, '.', '-' and '_'")]
+    #[error(
+        "SPIFFE ID {id:?}: trust domain {trust_domain:?} may hold only lowercase letters, digits, '.', '-' and '_'"
+    )]
     TrustDomain { id: String, trust_domain: String },
     #[error("SPIFFE ID {id:?}: path {path:?} must be /ns/<namespace>/sa/<service-account>")]
     Path { id: String, path: String },
-    #[error("SPIFFE ID {id:?}: {part} {value:?} is empty or holds characters outside [A-Za-z0-9._-]")]
+    #[error(
+        "SPIFFE ID {id:?}: {part} {value:?} is empty or holds characters outside [A-Za-z0-9._-]"
+    )]
     Segment {
         id: String,
         part: &'static str,
@@ -135,7 +139,10 @@ mod tests {
         assert_eq!(id.namespace(), "demo");
         assert_eq!(id.service_account(), "client");
         assert_eq!(id.to_string(), "spiffe://cluster.local/ns/demo/sa/client");
-        assert_eq!(SpiffeId::new("cluster.local", "demo", "client").unwrap(), id);
+        assert_eq!(
+            SpiffeId::new("cluster.local", "demo", "client").unwrap(),
+            id
+        );
     }
 
     #[test]
@@ -143,7 +150,10 @@ mod tests {
         let cases = [
             ("http://cluster.local/ns/a/sa/b", "must start with"),
             ("spiffe:///ns/a/sa/b", "empty trust domain"),
-            ("spiffe://Cluster.Local/ns/a/sa/b", "trust domain \"Cluster.Local\""),
+            (
+                "spiffe://Cluster.Local/ns/a/sa/b",
+                "trust domain \"Cluster.Local\"",
+            ),
             ("spiffe://td/ns/a", "path \"/ns/a\""),
             ("spiffe://td/namespace/a/sa/b", "path \"/namespace/a/sa/b\""),
             ("spiffe://td/ns//sa/b", "namespace \"\""),

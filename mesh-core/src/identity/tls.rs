@@ -22,7 +22,10 @@ pub const ALPN_H2: &[u8] = b"h2";
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("invalid certificate or key for {identity}: {source}")]
-    Certificate { identity: SpiffeId, source: rustls::Error },
+    Certificate {
+        identity: SpiffeId,
+        source: rustls::Error,
+    },
     #[error("client certificate verifier: {0}")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
     #[error("peer presented no certificate")]
@@ -40,7 +43,10 @@ pub struct IdentityMismatch {
 }
 
 fn display_list(ids: &[SpiffeId]) -> String {
-    ids.iter().map(ToString::to_string).collect::<Vec<_>>().join(" or ")
+    ids.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(" or ")
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -50,20 +56,30 @@ fn provider() -> Arc<CryptoProvider> {
 /// Server side of HBONE: presents `cert`, requires a client certificate chained to the mesh roots.
 pub fn server_config(cert: &WorkloadCertificate) -> Result<ServerConfig, TlsError> {
     let provider = provider();
-    let client_verifier = WebPkiClientVerifier::builder_with_provider(cert.roots().clone(), provider.clone()).build()?;
+    let client_verifier =
+        WebPkiClientVerifier::builder_with_provider(cert.roots().clone(), provider.clone())
+            .build()?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("aws-lc-rs supports TLS 1.3")
         .with_client_cert_verifier(client_verifier)
         .with_single_cert(cert.chain().to_vec(), cert.key().clone_key())
-        .map_err(|source| TlsError::Certificate { identity: cert.identity().clone(), source })?;
+        .map_err(|source| TlsError::Certificate {
+            identity: cert.identity().clone(),
+            source,
+        })?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // Mesh clients never resume sessions, so tickets would only cost a write per connection.
+    config.send_tls13_tickets = 0;
     Ok(config)
 }
 
 /// Client side of HBONE: presents `cert`, accepts only a server chained to the mesh roots whose
 /// identity is one of `expected`.
-pub fn client_config(cert: &WorkloadCertificate, expected: Vec<SpiffeId>) -> Result<ClientConfig, TlsError> {
+pub fn client_config(
+    cert: &WorkloadCertificate,
+    expected: Vec<SpiffeId>,
+) -> Result<ClientConfig, TlsError> {
     let provider = provider();
     let verifier = Arc::new(IdentityVerifier {
         roots: cert.roots().clone(),
@@ -76,7 +92,10 @@ pub fn client_config(cert: &WorkloadCertificate, expected: Vec<SpiffeId>) -> Res
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(cert.chain().to_vec(), cert.key().clone_key())
-        .map_err(|source| TlsError::Certificate { identity: cert.identity().clone(), source })?;
+        .map_err(|source| TlsError::Certificate {
+            identity: cert.identity().clone(),
+            source,
+        })?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     config.resumption = rustls::client::Resumption::disabled();
     Ok(config)
@@ -109,10 +128,19 @@ impl ServerCertVerifier for IdentityVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let parsed = ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(&parsed, &self.roots, intermediates, now, self.algorithms.all)?;
+        verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.algorithms.all,
+        )?;
         let presented = identity_of(end_entity).map_err(other_error)?;
         if !self.expected.contains(&presented) {
-            return Err(other_error(IdentityMismatch { expected: self.expected.clone(), presented }));
+            return Err(other_error(IdentityMismatch {
+                expected: self.expected.clone(),
+                presented,
+            }));
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -123,7 +151,9 @@ impl ServerCertVerifier for IdentityVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
     }
 
     fn verify_tls13_signature(
@@ -137,6 +167,16 @@ impl ServerCertVerifier for IdentityVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algorithms.supported_schemes()
+    }
+}
+
+/// The identity mismatch behind a failed client handshake, if that is why it failed.
+pub fn identity_mismatch(error: &std::io::Error) -> Option<IdentityMismatch> {
+    match error.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::InvalidCertificate(CertificateError::Other(other)) => {
+            other.0.downcast_ref().cloned()
+        }
+        _ => None,
     }
 }
 
