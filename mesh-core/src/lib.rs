@@ -1,6 +1,9 @@
 //! The shared library of the mesh: Istio-compatible protos, SPIFFE identity, HBONE, telemetry,
-//! the admin server and graceful drain. Nothing here knows about a particular binary.
+//! the admin server and graceful shutdown. Nothing here knows about a particular binary.
 
+pub mod admin;
 pub mod hbone;
 pub mod identity;
 pub mod proto;
+pub mod shutdown;
+pub mod telemetry;
