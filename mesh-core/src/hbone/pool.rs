@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::{H2Settings, H2Stream, HANDSHAKE_TIMEOUT, HboneError};
+use super::{H2Settings, H2Stream, HANDSHAKE_TIMEOUT, HboneError, Transport, transport};
 use crate::identity::{SpiffeId, WorkloadCertificate, tls};
 
 /// Which connections may carry a stream: same client identity, same expected server identity,
@@ -229,9 +229,8 @@ impl Pool {
             let tcp = TcpStream::connect(address)
                 .await
                 .map_err(|source| HboneError::Connect { address, source })?;
-            let _ = tcp.set_nodelay(true);
             let tls = tokio_rustls::TlsConnector::from(tls_config)
-                .connect(ServerName::IpAddress(address.ip().into()), tcp)
+                .connect(ServerName::IpAddress(address.ip().into()), transport(tcp))
                 .await
                 .map_err(|source| handshake_error(key, source))?;
             h2::client::Builder::new()
@@ -278,7 +277,7 @@ impl Inner {
 
 /// Runs the HTTP/2 connection until it fails or stays idle too long; either way it leaves the pool.
 async fn drive(
-    connection: h2::client::Connection<tokio_rustls::client::TlsStream<TcpStream>, Bytes>,
+    connection: h2::client::Connection<tokio_rustls::client::TlsStream<Transport>, Bytes>,
     state: Arc<ConnectionState>,
     pool: Weak<Inner>,
     key: PoolKey,

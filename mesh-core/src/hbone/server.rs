@@ -14,7 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info_span, warn};
 
-use super::{H2Settings, H2Stream, HANDSHAKE_TIMEOUT, HboneError};
+use super::{H2Settings, H2Stream, HANDSHAKE_TIMEOUT, HboneError, transport};
 use crate::identity::{SpiffeId, tls};
 
 /// Chooses the TLS configuration for a connection by the address it arrived on (ztunnel serves
@@ -150,7 +150,6 @@ impl<C: ServerCertificates> Connection<C> {
         F: Future<Output = ()> + Send + 'static,
     {
         let peer = self.peer;
-        let _ = stream.set_nodelay(true);
         let local = stream
             .local_addr()
             .map_err(|source| HboneError::Accept { peer, source })?;
@@ -164,7 +163,7 @@ impl<C: ServerCertificates> Connection<C> {
                 })?;
         let handshake = async {
             let tls = tokio_rustls::TlsAcceptor::from(config)
-                .accept(stream)
+                .accept(transport(stream))
                 .await
                 .map_err(|source| HboneError::Accept { peer, source })?;
             let peer_identity = tls::peer_identity(tls.get_ref().1)?;
