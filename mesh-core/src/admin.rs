@@ -75,6 +75,32 @@ impl Routes {
         })
     }
 
+    /// `/logging`: GET shows the log filter; POST `?level=<filter>` changes it.
+    pub fn logging(self, handle: crate::telemetry::LogHandle) -> Self {
+        self.route("/logging", move |parts| {
+            let level = parts.uri.query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("level=")));
+            match (&parts.method, level) {
+                (&Method::POST, Some(level)) => match handle.set_filter(level) {
+                    Ok(()) => text(StatusCode::OK, format!("log filter: {level}\n")),
+                    Err(error) => text(StatusCode::BAD_REQUEST, format!("{error}\n")),
+                },
+                (&Method::POST, None) => text(StatusCode::BAD_REQUEST, "POST /logging?level=<filter>\n".into()),
+                _ => text(StatusCode::OK, format!("log filter: {}\n", handle.filter())),
+            }
+        })
+    }
+
+    /// `POST /quitquitquit`: starts a graceful shutdown.
+    pub fn quit(self, stopper: crate::lifecycle::Stopper) -> Self {
+        self.route("/quitquitquit", move |parts| {
+            if parts.method != Method::POST {
+                return text(StatusCode::METHOD_NOT_ALLOWED, "POST to shut down\n".into());
+            }
+            stopper.stop("/quitquitquit");
+            text(StatusCode::OK, "shutting down\n".into())
+        })
+    }
+
     fn respond(&self, parts: &Parts) -> Response<String> {
         match self.handlers.get(parts.uri.path()) {
             Some(handler) => handler(parts),

@@ -4,6 +4,6 @@
 pub mod admin;
 pub mod hbone;
 pub mod identity;
+pub mod lifecycle;
 pub mod proto;
-pub mod shutdown;
 pub mod telemetry;

@@ -1,1 +1,11 @@
-fn main() {}
+use std::sync::Arc;
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let signals = mesh_core::lifecycle::Signals::install()?;
+    let config = Arc::new(ztunnel::Config::parse());
+    let log = mesh_core::telemetry::init_logging(&config.log)?;
+    ztunnel::run(config, signals, log).await
+}

@@ -23,7 +23,7 @@ pub const ALPN_H2: &[u8] = b"h2";
 pub enum TlsError {
     #[error("invalid certificate or key for {identity}: {source}")]
     Certificate {
-        identity: SpiffeId,
+        identity: String,
         source: rustls::Error,
     },
     #[error("client certificate verifier: {0}")]
@@ -65,7 +65,7 @@ pub fn server_config(cert: &WorkloadCertificate) -> Result<ServerConfig, TlsErro
         .with_client_cert_verifier(client_verifier)
         .with_single_cert(cert.chain().to_vec(), cert.key().clone_key())
         .map_err(|source| TlsError::Certificate {
-            identity: cert.identity().clone(),
+            identity: cert.identity().to_string(),
             source,
         })?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
@@ -93,7 +93,7 @@ pub fn client_config(
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(cert.chain().to_vec(), cert.key().clone_key())
         .map_err(|source| TlsError::Certificate {
-            identity: cert.identity().clone(),
+            identity: cert.identity().to_string(),
             source,
         })?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];

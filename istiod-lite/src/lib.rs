@@ -1,0 +1,23 @@
+//! istiod-lite: the controller and CA. So far it runs the shared lifecycle (admin, metrics, readiness,
+//! graceful drain); config sources, translation, delta xDS and the CA follow.
+
+pub mod config;
+
+use std::sync::Arc;
+
+use mesh_core::admin::{Readiness, Routes};
+use mesh_core::lifecycle::{Lifecycle, Signals};
+use mesh_core::telemetry::LogHandle;
+use prometheus_client::registry::Registry;
+
+pub use config::Config;
+
+/// Runs istiod-lite until SIGTERM, SIGINT or `/quitquitquit`, then drains.
+pub async fn run(config: Arc<Config>, signals: Signals, log: LogHandle) -> anyhow::Result<()> {
+    let registry = Registry::default();
+    let readiness = Readiness::new();
+    let mut lifecycle = Lifecycle::new();
+    lifecycle.serve_endpoints(&config.endpoints(), Routes::new(), log, registry, readiness).await?;
+    lifecycle.run(signals, config.drain_deadline).await;
+    Ok(())
+}

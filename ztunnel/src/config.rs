@@ -1,0 +1,35 @@
+//! ztunnel's configuration, from flags and environment variables.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use mesh_core::lifecycle::Endpoints;
+use mesh_core::telemetry::LogArgs;
+
+/// The per-node agent of the ambient mesh: captures the TCP traffic of the ambient pods on this
+/// node and carries it over HBONE (HTTP/2 CONNECT in mutual TLS, port 15008) with each pod's
+/// own SPIFFE identity, enforcing L4 authorization where traffic arrives.
+#[derive(Clone, Debug, clap::Parser)]
+#[command(name = "ztunnel", version)]
+pub struct Config {
+    #[command(flatten)]
+    pub log: LogArgs,
+    /// Admin server (/config_dump, /logging, /quitquitquit). Keep it on localhost.
+    #[arg(long, env = "ZTUNNEL_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+    /// Prometheus metrics (/metrics).
+    #[arg(long, env = "ZTUNNEL_METRICS_ADDR", default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
+    /// Readiness probe (/healthz/ready).
+    #[arg(long, env = "ZTUNNEL_READINESS_ADDR", default_value = "0.0.0.0:15021")]
+    pub readiness_addr: SocketAddr,
+    /// How long open connections may take to finish after SIGTERM (e.g. 30s, 1m).
+    #[arg(long, env = "ZTUNNEL_DRAIN_DEADLINE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub drain_deadline: Duration,
+}
+
+impl Config {
+    pub fn endpoints(&self) -> Endpoints {
+        Endpoints { admin: self.admin_addr, metrics: self.metrics_addr, readiness: self.readiness_addr }
+    }
+}
