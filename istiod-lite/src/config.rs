@@ -30,6 +30,10 @@ pub struct Config {
 
 impl Config {
     pub fn endpoints(&self) -> Endpoints {
-        Endpoints { admin: self.admin_addr, metrics: self.metrics_addr, readiness: self.readiness_addr }
+        Endpoints {
+            admin: self.admin_addr,
+            metrics: self.metrics_addr,
+            readiness: self.readiness_addr,
+        }
     }
 }

@@ -17,7 +17,9 @@ pub async fn run(config: Arc<Config>, signals: Signals, log: LogHandle) -> anyho
     let registry = Registry::default();
     let readiness = Readiness::new();
     let mut lifecycle = Lifecycle::new();
-    lifecycle.serve_endpoints(&config.endpoints(), Routes::new(), log, registry, readiness).await?;
+    lifecycle
+        .serve_endpoints(&config.endpoints(), Routes::new(), log, registry, readiness)
+        .await?;
     lifecycle.run(signals, config.drain_deadline).await;
     Ok(())
 }

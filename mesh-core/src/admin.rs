@@ -78,13 +78,19 @@ impl Routes {
     /// `/logging`: GET shows the log filter; POST `?level=<filter>` changes it.
     pub fn logging(self, handle: crate::telemetry::LogHandle) -> Self {
         self.route("/logging", move |parts| {
-            let level = parts.uri.query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("level=")));
+            let level = parts
+                .uri
+                .query()
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("level=")));
             match (&parts.method, level) {
                 (&Method::POST, Some(level)) => match handle.set_filter(level) {
                     Ok(()) => text(StatusCode::OK, format!("log filter: {level}\n")),
                     Err(error) => text(StatusCode::BAD_REQUEST, format!("{error}\n")),
                 },
-                (&Method::POST, None) => text(StatusCode::BAD_REQUEST, "POST /logging?level=<filter>\n".into()),
+                (&Method::POST, None) => text(
+                    StatusCode::BAD_REQUEST,
+                    "POST /logging?level=<filter>\n".into(),
+                ),
                 _ => text(StatusCode::OK, format!("log filter: {}\n", handle.filter())),
             }
         })

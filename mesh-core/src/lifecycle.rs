@@ -36,7 +36,12 @@ impl Default for Lifecycle {
 impl Lifecycle {
     pub fn new() -> Self {
         let (signal, watch) = drain::channel();
-        Self { signal, watch, tasks: JoinSet::new(), stop_requests: mpsc::channel(1) }
+        Self {
+            signal,
+            watch,
+            tasks: JoinSet::new(),
+            stop_requests: mpsc::channel(1),
+        }
     }
 
     /// What servers watch to learn that draining has begun.
@@ -55,10 +60,15 @@ impl Lifecycle {
     }
 
     /// Binds `address` and serves `routes` there; logs and returns the bound address.
-    pub async fn serve_admin(&mut self, name: &str, address: SocketAddr, routes: Routes) -> std::io::Result<SocketAddr> {
-        let listener = TcpListener::bind(address)
-            .await
-            .map_err(|e| std::io::Error::new(e.kind(), format!("{name}: cannot listen on {address}: {e}")))?;
+    pub async fn serve_admin(
+        &mut self,
+        name: &str,
+        address: SocketAddr,
+        routes: Routes,
+    ) -> std::io::Result<SocketAddr> {
+        let listener = TcpListener::bind(address).await.map_err(|e| {
+            std::io::Error::new(e.kind(), format!("{name}: cannot listen on {address}: {e}"))
+        })?;
         let bound = listener.local_addr()?;
         info!(server = name, address = %bound, "listening");
         self.spawn(admin::serve(listener, routes, self.watch()));
@@ -77,8 +87,18 @@ impl Lifecycle {
     ) -> std::io::Result<()> {
         let admin = admin.logging(log).quit(self.stopper());
         self.serve_admin("admin", addresses.admin, admin).await?;
-        self.serve_admin("metrics", addresses.metrics, Routes::new().metrics(Arc::new(registry))).await?;
-        self.serve_admin("readiness", addresses.readiness, Routes::new().readiness(readiness)).await?;
+        self.serve_admin(
+            "metrics",
+            addresses.metrics,
+            Routes::new().metrics(Arc::new(registry)),
+        )
+        .await?;
+        self.serve_admin(
+            "readiness",
+            addresses.readiness,
+            Routes::new().readiness(readiness),
+        )
+        .await?;
         Ok(())
     }
 
@@ -90,7 +110,12 @@ impl Lifecycle {
             Some(reason) = self.stop_requests.1.recv() => reason,
         };
         info!(reason, "shutting down");
-        let Self { signal, watch, mut tasks, .. } = self;
+        let Self {
+            signal,
+            watch,
+            mut tasks,
+            ..
+        } = self;
         drop(watch);
         drain(signal, deadline).await;
         tasks.abort_all();
