@@ -384,3 +384,41 @@ async fn drain_lets_open_streams_finish_and_refuses_new_connections() {
         .unwrap_err();
     assert!(matches!(error, HboneError::Connect { .. }), "{error:?}");
 }
+
+#[tokio::test]
+async fn malformed_requests_get_400_without_reaching_the_handler() {
+    let mesh = Mesh::new();
+    let (listener, address) = listener().await;
+    let (_server, seen, _signal) = echo_server(&mesh, listener).await;
+    // A hand-made HTTP/2 client, to send what the pool never would.
+    let config = Arc::new(tls::client_config(&mesh.client_cert, vec![id("server")]).unwrap());
+    let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+    let name = rustls::pki_types::ServerName::IpAddress(address.ip().into());
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (sender, connection) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(connection);
+    let requests = [
+        http::Request::get("http://10.1.2.3:8080/")
+            .body(())
+            .unwrap(),
+        http::Request::builder()
+            .method("CONNECT")
+            .uri("example.com:80")
+            .body(())
+            .unwrap(),
+    ];
+    for request in requests {
+        let description = format!("{} {}", request.method(), request.uri());
+        let mut sender = sender.clone().ready().await.unwrap();
+        let (response, _body) = sender.send_request(request, true).unwrap();
+        let response = response.await.unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{description}");
+    }
+    assert!(
+        seen.lock().unwrap().identities.is_empty(),
+        "handler never saw them"
+    );
+}
