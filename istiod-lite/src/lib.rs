@@ -1,7 +1,9 @@
 //! istiod-lite: the controller and CA. So far it runs the shared lifecycle (admin, metrics, readiness,
 //! graceful drain); config sources, translation, delta xDS and the CA follow.
 
+pub mod ca;
 pub mod config;
+pub mod xds;
 
 use std::sync::Arc;
 
