@@ -32,7 +32,7 @@ pub enum AuthorityError {
     CsrAlgorithm(String),
     #[error("could not sign the certificate for {identity}: {source}")]
     Sign {
-        identity: SpiffeId,
+        identity: String,
         source: rcgen::Error,
     },
 }
@@ -147,7 +147,7 @@ impl Authority {
         let cert = params
             .signed_by(&csr.public_key, &self.issuer)
             .map_err(|source| AuthorityError::Sign {
-                identity: identity.clone(),
+                identity: identity.to_string(),
                 source,
             })?;
         Ok(self.with_chain(cert.pem()))
@@ -165,7 +165,7 @@ impl Authority {
         let cert = workload_params(identity, not_before, not_after)?
             .signed_by(&key, &self.issuer)
             .map_err(|source| AuthorityError::Sign {
-                identity: identity.clone(),
+                identity: identity.to_string(),
                 source,
             })?;
         let mut chain = vec![cert.der().clone()];
@@ -192,7 +192,7 @@ fn workload_params(
         .to_string()
         .try_into()
         .map_err(|source| AuthorityError::Sign {
-            identity: identity.clone(),
+            identity: identity.to_string(),
             source,
         })?;
     params.subject_alt_names = vec![SanType::URI(uri)];
