@@ -3,6 +3,9 @@
 
 pub mod ca;
 pub mod config;
+pub mod objects;
+pub mod source;
+pub mod store;
 pub mod xds;
 
 use std::sync::Arc;
