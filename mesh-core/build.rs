@@ -14,6 +14,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptors = protox::compile(PROTOS, ["proto"])?;
     tonic_prost_build::configure()
         .build_transport(false)
+        // Ordered maps encode deterministically, so a resource's bytes (its version) only change
+        // when its content does.
+        .btree_map(".")
         .compile_fds(descriptors)?;
     Ok(())
 }

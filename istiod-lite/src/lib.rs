@@ -6,6 +6,7 @@ pub mod config;
 pub mod objects;
 pub mod source;
 pub mod store;
+pub mod translate;
 pub mod xds;
 
 use std::sync::Arc;

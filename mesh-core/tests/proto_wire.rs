@@ -8,7 +8,7 @@
 //! value in our `.proto` files makes these tests fail. Every field gets a distinct value so
 //! that two swapped numbers are caught too.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use prost::Message;
 
@@ -970,7 +970,7 @@ fn decodes_delta_discovery_request() {
     );
     assert_eq!(
         req.initial_resource_versions,
-        HashMap::from([("bookinfo/allow-gateway".to_string(), "v7".to_string())])
+        BTreeMap::from([("bookinfo/allow-gateway".to_string(), "v7".to_string())])
     );
     assert_eq!(req.response_nonce, "nonce-abc");
     let err = req.error_detail.as_ref().expect("error_detail");

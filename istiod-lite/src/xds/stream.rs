@@ -1,6 +1,6 @@
 //! One delta xDS client: its subscriptions, what it has been sent, ACK/NACK handling.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use mesh_core::proto::discovery::{
@@ -22,7 +22,7 @@ struct Subscription {
     wildcard: bool,
     names: BTreeSet<String>,
     /// Name → version the client has (sent by us or declared in `initial_resource_versions`).
-    sent: HashMap<String, String>,
+    sent: BTreeMap<String, String>,
     /// Whether the first response (the full state) has gone out.
     answered: bool,
 }
