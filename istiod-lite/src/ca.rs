@@ -27,6 +27,32 @@ pub trait Placement: Send + Sync + 'static {
     fn identity_runs_on_node(&self, identity: &SpiffeId, node: &str) -> bool;
 }
 
+/// Placement from the current objects: a pod that is not finished, on `node`, in the identity's
+/// namespace, running as its service account.
+#[derive(Clone, Debug)]
+pub struct PodPlacement(pub Arc<crate::store::Store>);
+
+impl Placement for PodPlacement {
+    fn identity_runs_on_node(&self, identity: &SpiffeId, node: &str) -> bool {
+        let objects = self.0.current();
+        objects.pods().any(|pod| {
+            let spec = pod.spec.as_ref();
+            let finished = matches!(
+                pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+                Some("Succeeded" | "Failed")
+            );
+            let service_account = spec
+                .and_then(|s| s.service_account_name.as_deref())
+                .filter(|s| !s.is_empty())
+                .unwrap_or("default");
+            !finished
+                && spec.and_then(|s| s.node_name.as_deref()) == Some(node)
+                && pod.metadata.namespace.as_deref() == Some(identity.namespace())
+                && service_account == identity.service_account()
+        })
+    }
+}
+
 /// Certificate lifetimes.
 #[derive(Clone, Copy, Debug)]
 pub struct Lifetimes {
@@ -43,7 +69,7 @@ impl Default for Lifetimes {
     }
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct CertificateService<P> {
     authority: Arc<Authority>,
     tokens: NodeTokens,

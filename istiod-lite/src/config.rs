@@ -1,10 +1,13 @@
-//! istiod-lite's configuration, from flags and environment variables.
+//! istiod-lite's configuration, from flags and environment variables, validated at start.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use mesh_core::lifecycle::Endpoints;
 use mesh_core::telemetry::LogArgs;
+
+use crate::translate::Mesh;
 
 /// The slim controller of the ambient mesh: watches Kubernetes (or a directory of the same YAML),
 /// translates it into workloads, services and policies, streams them over delta xDS, and is the
@@ -14,6 +17,63 @@ use mesh_core::telemetry::LogArgs;
 pub struct Config {
     #[command(flatten)]
     pub log: LogArgs,
+    /// Directory of Kubernetes YAML manifests (multi-document .yaml/.yml), watched for changes.
+    #[arg(
+        long,
+        env = "ISTIOD_CONFIG_DIR",
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
+    pub config_dir: Option<PathBuf>,
+    /// Read configuration from the Kubernetes API instead (in-cluster, or KUBECONFIG / --kubeconfig).
+    #[arg(long, env = "ISTIOD_KUBERNETES")]
+    pub kubernetes: bool,
+    /// Kubeconfig file for --kubernetes (default: in-cluster, then $KUBECONFIG, then ~/.kube/config).
+    #[arg(long, env = "KUBECONFIG", requires = "kubernetes")]
+    pub kubeconfig: Option<PathBuf>,
+    /// CA key material in Istio's cacerts layout (ca-cert.pem, ca-key.pem, cert-chain.pem,
+    /// root-cert.pem); a self-signed root is created there on first start.
+    #[arg(long, env = "ISTIOD_CA_DIR", default_value = "/var/lib/istiod-lite/ca")]
+    pub ca_dir: PathBuf,
+    /// Directory of node tokens: a file per node, named after it, holding the bearer token its
+    /// ztunnel presents to the CA.
+    #[arg(long, env = "ISTIOD_NODE_TOKENS_DIR")]
+    pub node_tokens_dir: Option<PathBuf>,
+    /// Validity of workload certificates when the caller asks for none (e.g. 24h).
+    #[arg(long, env = "ISTIOD_CERT_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub cert_ttl: Duration,
+    /// Longest validity a caller may ask for.
+    #[arg(long, env = "ISTIOD_MAX_CERT_TTL", default_value = "90days", value_parser = humantime::parse_duration)]
+    pub max_cert_ttl: Duration,
+    /// The mesh's trust domain (SPIFFE IDs spiffe://<trust-domain>/ns/<ns>/sa/<sa>).
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Cluster ID, the prefix of workload uids.
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    pub cluster_id: String,
+    /// DNS suffix of service hostnames (<name>.<ns>.svc.<suffix>).
+    #[arg(long, env = "DOMAIN_SUFFIX", default_value = "cluster.local")]
+    pub domain_suffix: String,
+    /// Namespace whose selector-less policies apply mesh-wide.
+    #[arg(long, env = "ROOT_NAMESPACE", default_value = "istio-system")]
+    pub root_namespace: String,
+    /// Network name of this cluster's workloads (empty for a single network).
+    #[arg(long, env = "NETWORK", default_value = "")]
+    pub network: String,
+    /// Plaintext xDS and CA, for local use only: must be a loopback address.
+    #[arg(long, env = "ISTIOD_XDS_PLAINTEXT_ADDR", default_value = "127.0.0.1:15010", value_parser = loopback)]
+    pub xds_plaintext_addr: SocketAddr,
+    /// xDS and CA over TLS, with a serving certificate from this CA.
+    #[arg(long, env = "ISTIOD_XDS_ADDR", default_value = "0.0.0.0:15012")]
+    pub xds_addr: SocketAddr,
+    /// DNS names in the serving certificate of the TLS port (comma-separated).
+    #[arg(
+        long,
+        env = "ISTIOD_DNS_NAMES",
+        value_delimiter = ',',
+        default_value = "istiod.istio-system.svc,istiod-lite.istio-system.svc,localhost"
+    )]
+    pub dns_names: Vec<String>,
     /// Admin server (/logging, /quitquitquit). Keep it on localhost.
     #[arg(long, env = "ISTIOD_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
     pub admin_addr: SocketAddr,
@@ -28,6 +88,18 @@ pub struct Config {
     pub drain_deadline: Duration,
 }
 
+fn loopback(value: &str) -> Result<SocketAddr, String> {
+    let address: SocketAddr = value
+        .parse()
+        .map_err(|e| format!("{value:?} is not an ip:port: {e}"))?;
+    if !address.ip().is_loopback() {
+        return Err(format!(
+            "{address} is not a loopback address: the plaintext port serves certificates and configuration without TLS"
+        ));
+    }
+    Ok(address)
+}
+
 impl Config {
     pub fn endpoints(&self) -> Endpoints {
         Endpoints {
@@ -35,5 +107,34 @@ impl Config {
             metrics: self.metrics_addr,
             readiness: self.readiness_addr,
         }
+    }
+
+    pub fn mesh(&self) -> Mesh {
+        Mesh {
+            cluster_id: self.cluster_id.clone(),
+            trust_domain: self.trust_domain.clone(),
+            domain_suffix: self.domain_suffix.clone(),
+            root_namespace: self.root_namespace.clone(),
+            network: self.network.clone(),
+        }
+    }
+
+    /// Checks what flags alone cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.cert_ttl > self.max_cert_ttl {
+            return Err(format!(
+                "--cert-ttl {} exceeds --max-cert-ttl {}",
+                humantime::format_duration(self.cert_ttl),
+                humantime::format_duration(self.max_cert_ttl)
+            ));
+        }
+        if let Some(dir) = &self.config_dir
+            && !dir.is_dir()
+        {
+            return Err(format!("--config-dir {}: not a directory", dir.display()));
+        }
+        mesh_core::identity::SpiffeId::new(&self.trust_domain, "istio-system", "istiod")
+            .map_err(|e| format!("--trust-domain {:?}: {e}", self.trust_domain))?;
+        Ok(())
     }
 }

@@ -395,7 +395,10 @@ fn strict_mtls_denies_plaintext_per_workload_and_port() {
         }],
         ..Default::default()
     };
-    assert_eq!(strict.rules[0].clauses[0].matches, std::slice::from_ref(&plaintext));
+    assert_eq!(
+        strict.rules[0].clauses[0].matches,
+        std::slice::from_ref(&plaintext)
+    );
 
     let keys = |name| workload(&t, name).authorization_policies.clone();
     assert_eq!(

@@ -152,36 +152,58 @@ fn parse_file(
     objects
 }
 
-/// Loads `dir` into `store`, then keeps it in sync with the directory until dropped.
-pub async fn watch(
-    dir: PathBuf,
+/// A loaded directory that keeps the store in sync with it while [`Watching::run`] runs.
+#[derive(Debug)]
+pub struct Watching {
+    directory: Directory,
     store: Arc<Store>,
     config_errors: Counter,
-) -> Result<(), std::io::Error> {
-    let (events, mut changes) = mpsc::unbounded_channel();
+    changes: mpsc::UnboundedReceiver<notify::Result<notify::Event>>,
+    _watcher: notify::RecommendedWatcher,
+}
+
+/// Loads `dir` into `store` and starts watching it. Fails only when the directory itself cannot
+/// be watched or read; bad documents are reported and skipped.
+pub fn load(
+    dir: &Path,
+    store: Arc<Store>,
+    config_errors: Counter,
+) -> Result<Watching, std::io::Error> {
+    let (events, changes) = mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let _ = events.send(event);
     })
     .map_err(std::io::Error::other)?;
     watcher
-        .watch(&dir, RecursiveMode::NonRecursive)
+        .watch(dir, RecursiveMode::NonRecursive)
         .map_err(std::io::Error::other)?;
-
-    let mut directory = Directory::new(&dir);
+    let mut directory = Directory::new(dir);
     apply(&mut directory, &store, &config_errors)?;
     info!(dir = %dir.display(), files = directory.file_count(), objects = store.current().len(), "configuration loaded");
-    while let Some(event) = changes.recv().await {
-        if let Err(error) = event {
-            warn!(%error, "directory watch error; rescanning");
-        }
-        // Editors write in several steps: let them finish, then apply everything at once.
-        tokio::time::sleep(SETTLE).await;
-        while changes.try_recv().is_ok() {}
-        if let Err(error) = apply(&mut directory, &store, &config_errors) {
-            warn!(dir = %dir.display(), %error, "cannot read the configuration directory; keeping the last state");
+    Ok(Watching {
+        directory,
+        store,
+        config_errors,
+        changes,
+        _watcher: watcher,
+    })
+}
+
+impl Watching {
+    /// Applies changes as they happen, until the watcher stops.
+    pub async fn run(mut self) {
+        while let Some(event) = self.changes.recv().await {
+            if let Err(error) = event {
+                warn!(%error, "directory watch error; rescanning");
+            }
+            // Editors write in several steps: let them finish, then apply everything at once.
+            tokio::time::sleep(SETTLE).await;
+            while self.changes.try_recv().is_ok() {}
+            if let Err(error) = apply(&mut self.directory, &self.store, &self.config_errors) {
+                warn!(dir = %self.directory.dir.display(), %error, "cannot read the configuration directory; keeping the last state");
+            }
         }
     }
-    Ok(())
 }
 
 fn apply(

@@ -160,9 +160,32 @@ impl Authority {
         not_before: SystemTime,
         not_after: SystemTime,
     ) -> Result<WorkloadCertificate, AuthorityError> {
+        self.issue_with_dns_names(identity, &[], not_before, not_after)
+    }
+
+    /// Like [`Authority::issue`], with DNS names as well: for a server that clients reach by
+    /// name (istiod-lite's own TLS port).
+    pub fn issue_with_dns_names(
+        &self,
+        identity: &SpiffeId,
+        dns_names: &[String],
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<WorkloadCertificate, AuthorityError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
             .map_err(AuthorityError::Generate)?;
-        let cert = workload_params(identity, not_before, not_after)?
+        let mut params = workload_params(identity, not_before, not_after)?;
+        for name in dns_names {
+            let name = name
+                .clone()
+                .try_into()
+                .map_err(|source| AuthorityError::Sign {
+                    identity: identity.to_string(),
+                    source,
+                })?;
+            params.subject_alt_names.push(SanType::DnsName(name));
+        }
+        let cert = params
             .signed_by(&key, &self.issuer)
             .map_err(|source| AuthorityError::Sign {
                 identity: identity.to_string(),
