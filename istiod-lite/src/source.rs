@@ -2,3 +2,4 @@
 //! Kubernetes API. Sources only feed the [`Store`](crate::store::Store).
 
 pub mod files;
+pub mod kubernetes;
