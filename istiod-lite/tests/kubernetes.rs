@@ -20,13 +20,14 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+type Frames = mpsc::Sender<Result<Frame<Bytes>, Infallible>>;
 type MockBody = StreamBody<ReceiverStream<Result<Frame<Bytes>, Infallible>>>;
 
 /// API paths of the kinds, as kube requests them.
 const PODS: &str = "/api/v1/pods";
 const GATEWAYS: &str = "/apis/gateway.networking.k8s.io/v1/gateways";
 
-fn body(frames: Vec<Bytes>) -> (MockBody, mpsc::Sender<Result<Frame<Bytes>, Infallible>>) {
+fn body(frames: Vec<Bytes>) -> (MockBody, Frames) {
     let (sender, receiver) = mpsc::channel(64);
     for frame in frames {
         sender.try_send(Ok(Frame::data(frame))).unwrap();
@@ -49,7 +50,7 @@ fn path_of(document: &Value) -> String {
 async fn api_server(
     handle: tower_test::mock::Handle<Request<Body>, Response<MockBody>>,
     lists: HashMap<String, Vec<Value>>,
-    watches: mpsc::UnboundedSender<(String, mpsc::Sender<Result<Frame<Bytes>, Infallible>>)>,
+    watches: mpsc::UnboundedSender<(String, Frames)>,
 ) {
     let mut handle = std::pin::pin!(handle);
     let mut open = Vec::new();
