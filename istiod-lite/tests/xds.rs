@@ -247,11 +247,14 @@ async fn nack_is_counted_and_initial_versions_are_not_resent() {
 }
 
 #[tokio::test]
-async fn an_empty_state_still_gets_a_first_response() {
+async fn no_answer_before_the_first_translation_then_even_an_empty_state_is_answered() {
     let publisher = Publisher::new();
     let (channel, _) = start(&publisher).await;
     let mut client = Client::connect(channel).await;
     client.subscribe(AUTHORIZATION_TYPE_URL, &[]).await;
+    // Nothing translated yet: an empty answer would claim that nothing exists.
+    client.nothing_more().await;
+    publisher.publish([(AUTHORIZATION_TYPE_URL.to_owned(), Vec::new())]);
     let first = client.next().await;
     assert!(first.resources.is_empty() && first.removed_resources.is_empty());
     assert_eq!(first.type_url, AUTHORIZATION_TYPE_URL);

@@ -40,7 +40,7 @@ impl Resource {
 /// Every resource of every type, at one moment.
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    /// Increases with every published snapshot.
+    /// Increases with every published snapshot; 0 until the first is published.
     pub generation: u64,
     /// When it was published (for push latency).
     pub published: Option<Instant>,

@@ -166,6 +166,11 @@ impl Client {
     /// Sends what `type_url`'s subscription lacks; nothing when it is up to date (except the
     /// first response, which is sent even when empty so the client knows it has everything).
     async fn push(&mut self, type_url: &str, snapshot: &Snapshot) -> bool {
+        // Before the first translation there is no state to be full: an empty answer would tell
+        // the client that nothing exists. Wait for the first snapshot.
+        if snapshot.generation == 0 {
+            return true;
+        }
         let Some(subscription) = self.subscriptions.get_mut(type_url) else {
             return true;
         };
