@@ -291,3 +291,57 @@ async fn a_hundred_clients_each_get_the_full_state_and_the_delta() {
     .await
     .expect("disconnected clients are no longer counted");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_client_costs_a_bounded_queue_and_catches_up_with_the_latest_state() {
+    let publisher = Publisher::new();
+    let generation = |g: usize| -> Vec<Resource> {
+        (0..300)
+            .map(|i| workload(&format!("c//Pod/demo/p{i:03}"), &format!("gen-{g}")))
+            .collect()
+    };
+    publisher.publish([(ADDRESS_TYPE_URL.to_owned(), generation(0))]);
+    let (channel, _) = start(&publisher).await;
+    let mut stalled = Client::connect(channel.clone()).await;
+    stalled.subscribe(ADDRESS_TYPE_URL, &[]).await;
+    assert_eq!(stalled.next().await.resources.len(), 300);
+    let mut reader = Client::connect(channel).await;
+    reader.subscribe(ADDRESS_TYPE_URL, &[]).await;
+    reader.next().await;
+
+    // 1,000 full changes (~24 KB each) while `stalled` reads nothing; the reader keeps up.
+    for g in 1..=1000 {
+        publisher.publish([(ADDRESS_TYPE_URL.to_owned(), generation(g))]);
+        if g % 250 == 0 {
+            let mut latest = String::new();
+            while !latest.contains(&format!("gen-{g}")) {
+                let response = reader.next().await;
+                let last = response
+                    .resources
+                    .last()
+                    .unwrap()
+                    .resource
+                    .as_ref()
+                    .unwrap();
+                latest = String::from_utf8_lossy(&last.value).into_owned();
+            }
+        }
+    }
+    // The stalled client now reads what was held for it: the HTTP/2 windows' worth (about 2 MiB
+    // on tonic's defaults) plus the small queue, not 1,000 responses; it ends at the latest state.
+    let mut received = 0;
+    let mut last = String::new();
+    while let Ok(Some(Ok(response))) =
+        tokio::time::timeout(Duration::from_millis(500), stalled.responses.next()).await
+    {
+        received += 1;
+        if let Some(resource) = response.resources.last() {
+            last = String::from_utf8_lossy(&resource.resource.as_ref().unwrap().value).into_owned();
+        }
+    }
+    assert!(
+        received < 150,
+        "{received} responses were held for a stalled client"
+    );
+    assert!(last.contains("gen-1000"), "caught up with the latest state");
+}
