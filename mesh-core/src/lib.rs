@@ -7,3 +7,4 @@ pub mod identity;
 pub mod lifecycle;
 pub mod proto;
 pub mod telemetry;
+pub mod xds;

@@ -1,1 +1,52 @@
+//! Shared pieces of the end-to-end scenarios.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use istiod_lite::xds::{Metrics, Publisher, Server};
+use mesh_core::proto::discovery::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+use prometheus_client::registry::Registry;
+
+/// An xDS server on its own runtime: dropping it kills every connection at once, as a crashed or
+/// restarted controller would.
+#[derive(Debug)]
+pub struct Controller {
+    runtime: Option<tokio::runtime::Runtime>,
+    pub address: SocketAddr,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Controller {
+    /// Serves `publisher` on `address` (port 0 picks one).
+    pub fn start(address: SocketAddr, publisher: &Publisher) -> anyhow::Result<Self> {
+        let listener = std::net::TcpListener::bind(address)?;
+        listener.set_nonblocking(true)?;
+        let address = listener.local_addr()?;
+        let metrics = Arc::new(Metrics::new(&mut Registry::default()));
+        let server = Server::new(publisher, metrics.clone());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        runtime.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            let _ = tonic::transport::Server::builder()
+                .add_service(AggregatedDiscoveryServiceServer::new(server))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+                .await;
+        });
+        Ok(Self {
+            runtime: Some(runtime),
+            address,
+            metrics,
+        })
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
