@@ -2,6 +2,7 @@
 //! graceful drain); the data path (xDS state, HBONE inbound/outbound, redirection) follows.
 
 pub mod config;
+pub mod state;
 
 use std::sync::Arc;
 
