@@ -1,6 +1,7 @@
 //! ztunnel: the node agent. So far it runs the shared lifecycle (admin, metrics, readiness,
 //! graceful drain); the data path (xDS state, HBONE inbound/outbound, redirection) follows.
 
+pub mod certificates;
 pub mod config;
 pub mod state;
 

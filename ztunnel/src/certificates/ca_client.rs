@@ -1,0 +1,86 @@
+//! The CA client: a CSR for a pod's identity, sent as the node agent with its node token and
+//! `ImpersonatedIdentity`, as Istio's ztunnel does.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_core::identity::{CertificateRequest, SpiffeId, WorkloadCertificate};
+use mesh_core::proto::ca::IstioCertificateRequest;
+use mesh_core::proto::ca::istio_certificate_service_client::IstioCertificateServiceClient;
+use prost_types::{Struct, Value, value::Kind};
+use rustls::RootCertStore;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::Channel;
+
+use super::{CertificateError, CertificateSource};
+
+/// Signs certificates through `istio.v1.auth.IstioCertificateService`.
+#[derive(Clone, Debug)]
+pub struct CaClient {
+    channel: Channel,
+    token: Option<MetadataValue<Ascii>>,
+    roots: Arc<RootCertStore>,
+    validity: Duration,
+}
+
+impl CaClient {
+    /// `roots` verify the chains the CA returns and become the certificates' trust anchors.
+    pub fn new(
+        channel: Channel,
+        token: Option<&str>,
+        roots: Arc<RootCertStore>,
+        validity: Duration,
+    ) -> Result<Self, CertificateError> {
+        let token = token
+            .map(|t| {
+                MetadataValue::try_from(format!("Bearer {t}")).map_err(|_| CertificateError::Token)
+            })
+            .transpose()?;
+        Ok(Self {
+            channel,
+            token,
+            roots,
+            validity,
+        })
+    }
+}
+
+impl CertificateSource for CaClient {
+    async fn fetch(&self, identity: &SpiffeId) -> Result<WorkloadCertificate, CertificateError> {
+        let request = CertificateRequest::new(identity)?;
+        let metadata = Struct {
+            fields: [(
+                "ImpersonatedIdentity".to_owned(),
+                Value {
+                    kind: Some(Kind::StringValue(identity.to_string())),
+                },
+            )]
+            .into(),
+        };
+        let mut call = tonic::Request::new(IstioCertificateRequest {
+            csr: request.csr_pem.clone(),
+            validity_duration: i64::try_from(self.validity.as_secs()).unwrap_or(i64::MAX),
+            metadata: Some(metadata),
+        });
+        if let Some(token) = &self.token {
+            call.metadata_mut().insert("authorization", token.clone());
+        }
+        let response = IstioCertificateServiceClient::new(self.channel.clone())
+            .create_certificate(call)
+            .await
+            .map_err(|status| CertificateError::Ca {
+                identity: identity.clone(),
+                code: status.code(),
+                message: status.message().to_owned(),
+            })?
+            .into_inner();
+        let certificate = request.into_certificate(&response.cert_chain, self.roots.clone())?;
+        if certificate.identity() != identity {
+            return Err(CertificateError::WrongIdentity {
+                asked: identity.clone(),
+                got: certificate.identity().clone(),
+            });
+        }
+        Ok(certificate)
+    }
+}
