@@ -20,18 +20,18 @@ pub use ca_client::CaClient;
 pub enum CertificateError {
     #[error("CA refused a certificate for {identity}: {code:?}: {message}")]
     Ca {
-        identity: SpiffeId,
+        identity: String,
         code: tonic::Code,
         message: String,
     },
     #[error("CA returned a certificate for {got}, not {asked}")]
-    WrongIdentity { asked: SpiffeId, got: SpiffeId },
+    WrongIdentity { asked: String, got: String },
     #[error("certificate: {0}")]
     Certificate(Arc<mesh_core::identity::CertificateError>),
     #[error("node token is not a valid header value")]
     Token,
     #[error("no valid certificate for {identity} yet: {reason}")]
-    Unavailable { identity: SpiffeId, reason: String },
+    Unavailable { identity: String, reason: String },
 }
 
 impl From<mesh_core::identity::CertificateError> for CertificateError {
@@ -131,7 +131,7 @@ impl<S: CertificateSource> CertificateManager<S> {
                 }) if held.expires > Instant::now() => return Ok(held.certificate),
                 Some(Slot::Failed { reason, .. }) => {
                     return Err(CertificateError::Unavailable {
-                        identity: identity.clone(),
+                        identity: identity.to_string(),
                         reason,
                     });
                 }
@@ -139,7 +139,7 @@ impl<S: CertificateSource> CertificateManager<S> {
             }
             if changes.changed().await.is_err() {
                 return Err(CertificateError::Unavailable {
-                    identity: identity.clone(),
+                    identity: identity.to_string(),
                     reason: "no longer kept".into(),
                 });
             }
@@ -266,7 +266,7 @@ mod tests {
             self.fetches.fetch_add(1, Ordering::SeqCst);
             if self.failing.load(Ordering::SeqCst) {
                 return Err(CertificateError::Unavailable {
-                    identity: identity.clone(),
+                    identity: identity.to_string(),
                     reason: "CA down".into(),
                 });
             }

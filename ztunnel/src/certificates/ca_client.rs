@@ -69,7 +69,7 @@ impl CertificateSource for CaClient {
             .create_certificate(call)
             .await
             .map_err(|status| CertificateError::Ca {
-                identity: identity.clone(),
+                identity: identity.to_string(),
                 code: status.code(),
                 message: status.message().to_owned(),
             })?
@@ -77,8 +77,8 @@ impl CertificateSource for CaClient {
         let certificate = request.into_certificate(&response.cert_chain, self.roots.clone())?;
         if certificate.identity() != identity {
             return Err(CertificateError::WrongIdentity {
-                asked: identity.clone(),
-                got: certificate.identity().clone(),
+                asked: identity.to_string(),
+                got: certificate.identity().to_string(),
             });
         }
         Ok(certificate)
