@@ -3,6 +3,7 @@
 
 pub mod certificates;
 pub mod config;
+pub mod proxy;
 pub mod state;
 
 use std::sync::Arc;
