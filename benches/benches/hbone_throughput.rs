@@ -19,15 +19,8 @@ use tokio::net::TcpListener;
 const CHUNK: usize = 256 * 1024;
 
 fn main() -> anyhow::Result<()> {
-    let bytes: u64 = arg("--bytes")
-        .map(|b| b.parse())
-        .transpose()?
-        .unwrap_or(1 << 30);
-    let runs: usize = arg("--runs")
-        .map(|b| b.parse())
-        .transpose()?
-        .unwrap_or(3)
-        .max(1);
+    let bytes: u64 = arg("--bytes").map(|b| b.parse()).transpose()?.unwrap_or(1 << 30);
+    let runs: usize = arg("--runs").map(|b| b.parse()).transpose()?.unwrap_or(3).max(1);
     let mut settings = H2Settings::default();
     for (flag, field) in [
         ("--max-frame-size", &mut settings.max_frame_size),
@@ -136,11 +129,7 @@ fn hbone_echo(bytes: u64, settings: H2Settings) -> anyhow::Result<Duration> {
     let now = SystemTime::now();
     let hour = Duration::from_secs(3600);
     let client_cert = ca.issue(&client_id, now - hour, now + hour)?;
-    let server_config = Arc::new(tls::server_config(&ca.issue(
-        &server_id,
-        now - hour,
-        now + hour,
-    )?)?);
+    let server_config = Arc::new(tls::server_config(&ca.issue(&server_id, now - hour, now + hour)?)?);
 
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let address = listener.local_addr()?;
@@ -170,9 +159,7 @@ fn hbone_echo(bytes: u64, settings: H2Settings) -> anyhow::Result<Duration> {
             address,
         };
         let target: SocketAddr = "10.0.0.1:8080".parse()?;
-        let stream = pool
-            .connect(&key, &client_cert, target, http::HeaderMap::new())
-            .await?;
+        let stream = pool.connect(&key, &client_cert, target, http::HeaderMap::new()).await?;
         drive(stream, bytes).await
     })
     .join()

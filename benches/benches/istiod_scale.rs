@@ -32,22 +32,10 @@ fn main() -> anyhow::Result<()> {
     if let Some(at) = args.iter().position(|a| a == SERVE_FLAG) {
         return serve(&args[at + 1..]);
     }
-    let pods: usize = arg("--pods")
-        .map(|v| v.parse())
-        .transpose()?
-        .unwrap_or(10_000);
-    let services: usize = arg("--services")
-        .map(|v| v.parse())
-        .transpose()?
-        .unwrap_or(1_000);
-    let policies: usize = arg("--policies")
-        .map(|v| v.parse())
-        .transpose()?
-        .unwrap_or(500);
-    let clients: usize = arg("--clients")
-        .map(|v| v.parse())
-        .transpose()?
-        .unwrap_or(100);
+    let pods: usize = arg("--pods").map(|v| v.parse()).transpose()?.unwrap_or(10_000);
+    let services: usize = arg("--services").map(|v| v.parse()).transpose()?.unwrap_or(1_000);
+    let policies: usize = arg("--policies").map(|v| v.parse()).transpose()?.unwrap_or(500);
+    let clients: usize = arg("--clients").map(|v| v.parse()).transpose()?.unwrap_or(100);
     let mut report = Report::new("istiod_scale");
     report
         .setup("pods", pods as u64)
@@ -101,11 +89,7 @@ fn main() -> anyhow::Result<()> {
         report
             .result("start_to_first_full_push_ms", ms(to_push), "ms")
             .result("subscribe_to_full_push_ms", ms(since_subscribe), "ms")
-            .result(
-                "full_push_resources",
-                full.resources.len() as f64,
-                "resources",
-            )
+            .result("full_push_resources", full.resources.len() as f64, "resources")
             .result(
                 "full_push_bytes",
                 full.resources
@@ -114,11 +98,7 @@ fn main() -> anyhow::Result<()> {
                     .sum::<usize>() as f64,
                 "bytes",
             )
-            .result(
-                "peak_rss_after_first_push_mib",
-                server.peak_rss_mib()?,
-                "MiB",
-            );
+            .result("peak_rss_after_first_push_mib", server.peak_rss_mib()?, "MiB");
 
         // One pod changes on disk: time until the client holds the delta.
         let changed_at = Instant::now();
@@ -147,10 +127,7 @@ fn main() -> anyhow::Result<()> {
         let mut held = Vec::new();
         for client in waiting {
             let (received, client) = client.await??;
-            anyhow::ensure!(
-                received == pods + services,
-                "a client got {received} resources"
-            );
+            anyhow::ensure!(received == pods + services, "a client got {received} resources");
             held.push(client);
         }
         report
@@ -172,9 +149,8 @@ fn ms(duration: Duration) -> f64 {
 
 /// Child mode: run istiod-lite with the given flags.
 fn serve(args: &[String]) -> anyhow::Result<()> {
-    let config = istiod_lite::Config::try_parse_from(
-        std::iter::once("istiod-lite".to_owned()).chain(args.iter().cloned()),
-    )?;
+    let config =
+        istiod_lite::Config::try_parse_from(std::iter::once("istiod-lite".to_owned()).chain(args.iter().cloned()))?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
@@ -308,10 +284,7 @@ impl Client {
             .delta_aggregated_resources(ReceiverStream::new(queue))
             .await?
             .into_inner();
-        Ok(Self {
-            requests,
-            responses,
-        })
+        Ok(Self { requests, responses })
     }
 
     /// The next Address response (Authorization responses are acknowledged and skipped).
@@ -378,10 +351,7 @@ impl Scenario {
         }
         for i in 0..self.policies / NAMESPACES {
             let selector = if i % 2 == 0 {
-                format!(
-                    "  selector: {{matchLabels: {{app: svc-{}}}}}\n",
-                    i % services.max(1)
-                )
+                format!("  selector: {{matchLabels: {{app: svc-{}}}}}\n", i % services.max(1))
             } else {
                 String::new()
             };

@@ -17,11 +17,7 @@ pub struct Report {
 impl Report {
     pub fn new(name: &str) -> Self {
         let mut setup = Map::new();
-        let profile = if cfg!(debug_assertions) {
-            "debug"
-        } else {
-            "release"
-        };
+        let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
         setup.insert("build_profile".into(), profile.into());
         setup.insert(
             "cpus".into(),
@@ -44,8 +40,7 @@ impl Report {
 
     pub fn result(&mut self, key: &str, value: f64, unit: &str) -> &mut Self {
         println!("  {key:<32} {value:>12.2} {unit}");
-        self.results
-            .insert(key.into(), json!({ "value": value, "unit": unit }));
+        self.results.insert(key.into(), json!({ "value": value, "unit": unit }));
         self
     }
 

@@ -96,16 +96,14 @@ impl<P: Placement> CertificateService<P> {
     }
 
     fn authenticate(&self, metadata: &MetadataMap) -> Result<&str, Status> {
-        let header = metadata.get("authorization").ok_or_else(|| {
-            Status::unauthenticated("missing `authorization: Bearer <node token>` metadata")
-        })?;
+        let header = metadata
+            .get("authorization")
+            .ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <node token>` metadata"))?;
         let token = header
             .to_str()
             .ok()
             .and_then(|h| h.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                Status::unauthenticated("authorization metadata is not `Bearer <node token>`")
-            })?;
+            .ok_or_else(|| Status::unauthenticated("authorization metadata is not `Bearer <node token>`"))?;
         self.tokens
             .node_of(token.trim())
             .ok_or_else(|| Status::unauthenticated("the bearer token is not a known node token"))

@@ -89,9 +89,7 @@ pub struct Config {
 }
 
 fn loopback(value: &str) -> Result<SocketAddr, String> {
-    let address: SocketAddr = value
-        .parse()
-        .map_err(|e| format!("{value:?} is not an ip:port: {e}"))?;
+    let address: SocketAddr = value.parse().map_err(|e| format!("{value:?} is not an ip:port: {e}"))?;
     if !address.ip().is_loopback() {
         return Err(format!(
             "{address} is not a loopback address: the plaintext port serves certificates and configuration without TLS"

@@ -13,20 +13,13 @@ use crate::xds::Publisher;
 
 /// Translates and publishes until the store is dropped. `first` is dropped after the first
 /// publication (readiness).
-pub async fn run(
-    mut objects: watch::Receiver<Arc<Objects>>,
-    publisher: Arc<Publisher>,
-    mesh: Mesh,
-    first: impl Send,
-) {
+pub async fn run(mut objects: watch::Receiver<Arc<Objects>>, publisher: Arc<Publisher>, mesh: Mesh, first: impl Send) {
     let mut first = Some(first);
     let mut reported = BTreeSet::new();
     loop {
         let snapshot = objects.borrow_and_update().clone();
         let (input, settings) = (snapshot.clone(), mesh.clone());
-        let Ok(translation) =
-            tokio::task::spawn_blocking(move || translate(&input, &settings)).await
-        else {
+        let Ok(translation) = tokio::task::spawn_blocking(move || translate(&input, &settings)).await else {
             return;
         };
         let current: BTreeSet<Report> = translation.reports.iter().cloned().collect();

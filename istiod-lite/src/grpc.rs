@@ -40,12 +40,7 @@ pub async fn serve_plaintext(router: Router, listener: TcpListener, drain: drain
 
 /// Serves `router` over TLS on `listener` until `drain` fires. Handshakes run concurrently so one
 /// slow client cannot hold up the others.
-pub async fn serve_tls(
-    router: Router,
-    listener: TcpListener,
-    tls: Arc<ServerConfig>,
-    drain: drain::Watch,
-) {
+pub async fn serve_tls(router: Router, listener: TcpListener, tls: Arc<ServerConfig>, drain: drain::Watch) {
     let (accepted, incoming) = mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let accept_loop = async move {
@@ -81,11 +76,7 @@ pub async fn serve_tls(
 
 /// TLS 1.3 serving configuration with a certificate for istiod's identity and `dns_names`,
 /// valid a year (re-issued at every start).
-pub fn serving_config(
-    authority: &Authority,
-    trust_domain: &str,
-    dns_names: &[String],
-) -> anyhow::Result<ServerConfig> {
+pub fn serving_config(authority: &Authority, trust_domain: &str, dns_names: &[String]) -> anyhow::Result<ServerConfig> {
     let identity = SpiffeId::new(trust_domain, "istio-system", "istiod")?;
     let now = SystemTime::now();
     let cert = authority.issue_with_dns_names(

@@ -57,9 +57,9 @@ pub async fn run(config: Arc<Config>, signals: Signals, log: LogHandle) -> anyho
                 .map_err(|e| anyhow::anyhow!("--config-dir {}: {e}", dir.display()))?;
             lifecycle.spawn(watching.run());
         }
-        None => anyhow::bail!(
-            "--kubernetes: the Kubernetes source is not available in this build yet; use --config-dir"
-        ),
+        None => {
+            anyhow::bail!("--kubernetes: the Kubernetes source is not available in this build yet; use --config-dir")
+        }
     }
     lifecycle.spawn(controller::run(
         store.subscribe(),
@@ -92,12 +92,7 @@ pub async fn run(config: Arc<Config>, signals: Signals, log: LogHandle) -> anyho
         plaintext,
         lifecycle.watch(),
     ));
-    lifecycle.spawn(grpc::serve_tls(
-        grpc::router(xds, ca),
-        tls,
-        serving,
-        lifecycle.watch(),
-    ));
+    lifecycle.spawn(grpc::serve_tls(grpc::router(xds, ca), tls, serving, lifecycle.watch()));
 
     lifecycle
         .serve_endpoints(&config.endpoints(), Routes::new(), log, registry, readiness)

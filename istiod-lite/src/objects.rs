@@ -214,11 +214,7 @@ fn typed<T: DeserializeOwned>(
 }
 
 fn set_namespace(object: &mut Object, namespace: &str) {
-    fn set<T: Clone>(
-        object: &mut Arc<T>,
-        meta: impl FnOnce(&mut T) -> &mut ObjectMeta,
-        namespace: &str,
-    ) {
+    fn set<T: Clone>(object: &mut Arc<T>, meta: impl FnOnce(&mut T) -> &mut ObjectMeta, namespace: &str) {
         meta(Arc::make_mut(object)).namespace = Some(namespace.to_owned());
     }
     match object {

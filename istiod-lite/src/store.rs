@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
 use crate::objects::{
-    AuthorizationPolicy, Gateway, HTTPRoute, Kind, Namespace, Object, ObjectKey,
-    PeerAuthentication, Pod, Service, ServiceEntry, WorkloadEntry,
+    AuthorizationPolicy, Gateway, HTTPRoute, Kind, Namespace, Object, ObjectKey, PeerAuthentication, Pod, Service,
+    ServiceEntry, WorkloadEntry,
 };
 
 /// Every object, by key, at one moment.
@@ -121,10 +121,7 @@ impl Store {
     /// Replaces everything `source` holds; publishes only if the union changed.
     pub fn replace(&self, source: &str, objects: impl IntoIterator<Item = Object>) {
         let mut sources = self.sources.lock().expect("not poisoned");
-        sources.insert(
-            source.to_owned(),
-            objects.into_iter().map(|o| (o.key(), o)).collect(),
-        );
+        sources.insert(source.to_owned(), objects.into_iter().map(|o| (o.key(), o)).collect());
         let merged = Objects {
             objects: sources
                 .values()

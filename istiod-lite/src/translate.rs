@@ -73,28 +73,15 @@ impl Translation {
             let address = Address {
                 r#type: Some(address::Type::Service(s.clone())),
             };
-            Resource::new(
-                ADDRESS_TYPE_URL,
-                format!("{}/{}", s.namespace, s.hostname),
-                &address,
-            )
+            Resource::new(ADDRESS_TYPE_URL, format!("{}/{}", s.namespace, s.hostname), &address)
         });
         let authorizations = self
             .authorizations
             .iter()
-            .map(|a| {
-                Resource::new(
-                    AUTHORIZATION_TYPE_URL,
-                    format!("{}/{}", a.namespace, a.name),
-                    a,
-                )
-            })
+            .map(|a| Resource::new(AUTHORIZATION_TYPE_URL, format!("{}/{}", a.namespace, a.name), a))
             .collect();
         vec![
-            (
-                ADDRESS_TYPE_URL.to_owned(),
-                workloads.chain(services).collect(),
-            ),
+            (ADDRESS_TYPE_URL.to_owned(), workloads.chain(services).collect()),
             (AUTHORIZATION_TYPE_URL.to_owned(), authorizations),
         ]
     }
@@ -106,8 +93,7 @@ pub fn translate(objects: &Objects, mesh: &Mesh) -> Translation {
     let waypoints = waypoints::Waypoints::index(objects, mesh);
     let policies = authorization::translate(objects, mesh, &mut reports);
     let mut services = services::from_kubernetes(objects, mesh, &waypoints, &mut reports);
-    let (entry_services, entry_workloads) =
-        services::from_service_entries(objects, mesh, &mut reports);
+    let (entry_services, entry_workloads) = services::from_service_entries(objects, mesh, &mut reports);
     services.extend(entry_services);
     let mut workloads = workloads::from_pods(objects, mesh, &waypoints, &policies, &mut reports);
     workloads.extend(workloads::from_workload_entries(
@@ -129,13 +115,8 @@ pub fn translate(objects: &Objects, mesh: &Mesh) -> Translation {
 }
 
 /// Whether every label of `selector` is on `labels` (an empty selector matches everything).
-pub(crate) fn selector_matches(
-    selector: &BTreeMap<String, String>,
-    labels: Option<&BTreeMap<String, String>>,
-) -> bool {
-    selector
-        .iter()
-        .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+pub(crate) fn selector_matches(selector: &BTreeMap<String, String>, labels: Option<&BTreeMap<String, String>>) -> bool {
+    selector.iter().all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
 }
 
 /// An IP address as the raw bytes the protos carry (4 or 16).
@@ -146,9 +127,6 @@ pub(crate) fn ip_bytes(ip: IpAddr) -> Vec<u8> {
     }
 }
 
-pub(crate) fn label<'a>(
-    labels: Option<&'a BTreeMap<String, String>>,
-    key: &str,
-) -> Option<&'a str> {
+pub(crate) fn label<'a>(labels: Option<&'a BTreeMap<String, String>>, key: &str) -> Option<&'a str> {
     labels.and_then(|l| l.get(key)).map(String::as_str)
 }

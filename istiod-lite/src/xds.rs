@@ -41,8 +41,7 @@ impl Server {
     }
 }
 
-type ResponseStream =
-    Pin<Box<dyn tokio_stream::Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+type ResponseStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl AggregatedDiscoveryService for Server {

@@ -69,12 +69,7 @@ impl Istiod {
             .arg(scratch.path("ca"))
             .arg("--node-tokens-dir")
             .arg(scratch.path("tokens"))
-            .args([
-                "--xds-plaintext-addr",
-                "127.0.0.1:0",
-                "--xds-addr",
-                "127.0.0.1:0",
-            ])
+            .args(["--xds-plaintext-addr", "127.0.0.1:0", "--xds-addr", "127.0.0.1:0"])
             .args([
                 "--admin-addr",
                 "127.0.0.1:0",
@@ -90,10 +85,7 @@ impl Istiod {
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let mut servers = HashMap::new();
         while servers.len() < 5 {
-            let line = lines
-                .next()
-                .expect("istiod-lite exited before listening")
-                .unwrap();
+            let line = lines.next().expect("istiod-lite exited before listening").unwrap();
             let event: serde_json::Value = serde_json::from_str(&line).unwrap();
             if event["message"] == "listening" {
                 servers.insert(
@@ -120,11 +112,7 @@ impl Istiod {
 
 fn http_get(address: SocketAddr, path: &str) -> (u16, String) {
     let mut stream = std::net::TcpStream::connect(address).unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n"
-    )
-    .unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n").unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
     (
@@ -273,10 +261,7 @@ async fn serves_the_directory_over_delta_xds_and_signs_over_tls() {
         metrics.contains("istiod_xds_pushes_total{type=\"Address\"} 3"),
         "{metrics}"
     );
-    assert!(
-        metrics.contains("istiod_xds_connected_clients 1"),
-        "{metrics}"
-    );
+    assert!(metrics.contains("istiod_xds_connected_clients 1"), "{metrics}");
 }
 
 #[tokio::test]
@@ -302,20 +287,12 @@ async fn exits_cleanly_on_sigterm_and_refuses_bad_flags() {
     assert!(status.success(), "{status}");
 
     let output = Command::new(BIN)
-        .args([
-            "--config-dir",
-            "/nonexistent",
-            "--xds-plaintext-addr",
-            "0.0.0.0:15010",
-        ])
+        .args(["--config-dir", "/nonexistent", "--xds-plaintext-addr", "0.0.0.0:15010"])
         .output()
         .unwrap();
     let error = String::from_utf8(output.stderr).unwrap();
     assert!(!output.status.success());
-    assert!(
-        error.contains("0.0.0.0:15010 is not a loopback address"),
-        "{error}"
-    );
+    assert!(error.contains("0.0.0.0:15010 is not a loopback address"), "{error}");
     let output = Command::new(BIN).output().unwrap();
     let error = String::from_utf8(output.stderr).unwrap();
     assert!(error.contains("--config-dir"), "{error}");

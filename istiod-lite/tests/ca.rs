@@ -6,9 +6,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use istiod_lite::ca::{
-    CertificateService, IMPERSONATED_IDENTITY, Lifetimes, NodeTokens, Placement,
-};
+use istiod_lite::ca::{CertificateService, IMPERSONATED_IDENTITY, Lifetimes, NodeTokens, Placement};
 use mesh_core::identity::{Authority, CertificateRequest, SpiffeId};
 use mesh_core::proto::ca::istio_certificate_service_client::IstioCertificateServiceClient;
 use mesh_core::proto::ca::istio_certificate_service_server::IstioCertificateServiceServer;
@@ -43,8 +41,7 @@ async fn start() -> (IstioCertificateServiceClient<Channel>, Arc<Authority>) {
         default: Duration::from_secs(24 * 3600),
         max: Duration::from_secs(48 * 3600),
     };
-    let service =
-        CertificateService::new(authority.clone(), tokens, pods, "cluster.local", lifetimes);
+    let service = CertificateService::new(authority.clone(), tokens, pods, "cluster.local", lifetimes);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     tokio::spawn(
@@ -104,12 +101,7 @@ async fn a_node_gets_the_identity_of_a_pod_it_runs() {
     let csr = CertificateRequest::new(&identity).unwrap();
     let response = ask(
         &mut client,
-        request(
-            &csr.csr_pem,
-            Some(&identity.to_string()),
-            Some("token-1"),
-            0,
-        ),
+        request(&csr.csr_pem, Some(&identity.to_string()), Some("token-1"), 0),
     )
     .await
     .unwrap();
@@ -125,8 +117,7 @@ async fn a_node_gets_the_identity_of_a_pod_it_runs() {
     let lifetime = cert.not_after().duration_since(cert.not_before()).unwrap();
     // 24 h by default, plus the few minutes the CA backdates for clock skew.
     assert!(
-        lifetime >= Duration::from_secs(24 * 3600)
-            && lifetime < Duration::from_secs(24 * 3600 + 600),
+        lifetime >= Duration::from_secs(24 * 3600) && lifetime < Duration::from_secs(24 * 3600 + 600),
         "{lifetime:?}"
     );
 }
@@ -135,9 +126,7 @@ async fn a_node_gets_the_identity_of_a_pod_it_runs() {
 async fn each_bad_request_is_refused_with_its_reason() {
     let (mut client, _) = start().await;
     let client_id = id("demo", "client").to_string();
-    let csr = CertificateRequest::new(&id("demo", "client"))
-        .unwrap()
-        .csr_pem;
+    let csr = CertificateRequest::new(&id("demo", "client")).unwrap().csr_pem;
     let cases: Vec<(&str, tonic::Request<IstioCertificateRequest>, Code, &str)> = vec![
         (
             "no token",
@@ -153,12 +142,7 @@ async fn each_bad_request_is_refused_with_its_reason() {
         ),
         (
             "someone else's identity",
-            request(
-                &csr,
-                Some(&id("demo", "server").to_string()),
-                Some("token-1"),
-                0,
-            ),
+            request(&csr, Some(&id("demo", "server").to_string()), Some("token-1"), 0),
             Code::PermissionDenied,
             "node node1 runs no pod with service account demo/server",
         ),

@@ -60,12 +60,7 @@ async fn api_server(
         if path == GATEWAYS {
             let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "the server could not find the requested resource"});
             let (body, _) = body(vec![Bytes::from(status.to_string())]);
-            respond.send_response(
-                Response::builder()
-                    .status(StatusCode::NOT_FOUND)
-                    .body(body)
-                    .unwrap(),
-            );
+            respond.send_response(Response::builder().status(StatusCode::NOT_FOUND).body(body).unwrap());
         } else if query.contains("watch=true") {
             let (body, sender) = body(Vec::new());
             open.push(sender.clone());
@@ -73,7 +68,8 @@ async fn api_server(
             respond.send_response(Response::new(body));
         } else {
             let items = lists.get(&path).cloned().unwrap_or_default();
-            let list = json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"}, "items": items});
+            let list =
+                json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"}, "items": items});
             let (body, _) = body(vec![Bytes::from(list.to_string())]);
             respond.send_response(Response::new(body));
         }
@@ -95,20 +91,13 @@ async fn wait_for(store: &Store, what: &str, condition: impl Fn(&Objects) -> boo
     .unwrap_or_else(|_| {
         panic!(
             "store never had {what}: {:?}",
-            store
-                .current()
-                .iter()
-                .map(|o| o.key().to_string())
-                .collect::<Vec<_>>()
+            store.current().iter().map(|o| o.key().to_string()).collect::<Vec<_>>()
         )
     })
 }
 
 fn pod_names(objects: &Objects) -> Vec<String> {
-    objects
-        .pods()
-        .map(|p| p.metadata.name.clone().unwrap())
-        .collect()
+    objects.pods().map(|p| p.metadata.name.clone().unwrap()).collect()
 }
 
 #[tokio::test]
@@ -126,27 +115,14 @@ async fn reflectors_feed_the_store_and_follow_watch_events() {
     let (watches, mut opened) = mpsc::unbounded_channel();
     tokio::spawn(api_server(handle, lists, watches));
     let store = Arc::new(Store::new());
-    let source = tokio::spawn(kubernetes::run(
-        kube::Client::new(service, "default"),
-        store.clone(),
-    ));
+    let source = tokio::spawn(kubernetes::run(kube::Client::new(service, "default"), store.clone()));
 
     let objects = wait_for(&store, "every pod and service", |o| {
         o.pods().count() == pod_count && o.services().count() == 3
     })
     .await;
-    assert_eq!(
-        objects
-            .iter()
-            .filter(|o| o.key().kind == Kind::Namespace)
-            .count(),
-        2
-    );
-    assert_eq!(
-        objects.gateways().count(),
-        0,
-        "no Gateway API in this cluster"
-    );
+    assert_eq!(objects.iter().filter(|o| o.key().kind == Kind::Namespace).count(), 2);
+    assert_eq!(objects.gateways().count(), 0, "no Gateway API in this cluster");
     let translation = translate(&objects, &Mesh::default());
     assert!(
         translation

@@ -10,8 +10,8 @@ use istiod_lite::store::Objects;
 use istiod_lite::translate::{Mesh, Translation, translate};
 use mesh_core::proto::security::{Action, Authorization, Match, Scope, StringMatch, string_match};
 use mesh_core::proto::workload::{
-    GatewayAddress, NamespacedHostname, NetworkAddress, Port, Service, TunnelProtocol, Workload,
-    WorkloadStatus, gateway_address,
+    GatewayAddress, NamespacedHostname, NetworkAddress, Port, Service, TunnelProtocol, Workload, WorkloadStatus,
+    gateway_address,
 };
 
 fn load(yaml: &str) -> Translation {
@@ -87,18 +87,12 @@ fn pod_becomes_a_workload_with_istio_fields() {
     assert_eq!(w.addresses, [ip("10.0.1.5"), ip("fd00::5")]);
     assert_eq!(w.service_account, "server");
     assert_eq!(w.node, "node-1");
-    assert_eq!(
-        w.trust_domain, "",
-        "left empty for cluster.local, as Istio does"
-    );
+    assert_eq!(w.trust_domain, "", "left empty for cluster.local, as Istio does");
     assert_eq!(
         (w.canonical_name.as_str(), w.canonical_revision.as_str()),
         ("server", "v2")
     );
-    assert_eq!(
-        w.workload_name, "server",
-        "the Deployment behind the ReplicaSet"
-    );
+    assert_eq!(w.workload_name, "server", "the Deployment behind the ReplicaSet");
     assert_eq!(w.status, WorkloadStatus::Healthy as i32);
     assert_eq!(w.cluster_id, "Kubernetes");
     // http resolves to the container's 8080; grpc names a UDP port, so it is left out for this pod.
@@ -113,31 +107,18 @@ fn pod_becomes_a_workload_with_istio_fields() {
 
     let client = workload(&t, "client");
     assert_eq!(
-        (
-            client.canonical_name.as_str(),
-            client.canonical_revision.as_str()
-        ),
+        (client.canonical_name.as_str(), client.canonical_revision.as_str()),
         ("client", "1.2")
     );
     assert_eq!(client.workload_name, "client");
     let plain = workload(&t, "plain");
     assert_eq!(plain.service_account, "default");
     assert_eq!(
-        (
-            plain.canonical_name.as_str(),
-            plain.canonical_revision.as_str()
-        ),
+        (plain.canonical_name.as_str(), plain.canonical_revision.as_str()),
         ("plain", "latest")
     );
-    assert_eq!(
-        plain.status,
-        WorkloadStatus::Unhealthy as i32,
-        "no Ready condition"
-    );
-    assert_eq!(
-        workload(&t, "batch").status,
-        WorkloadStatus::Unhealthy as i32
-    );
+    assert_eq!(plain.status, WorkloadStatus::Unhealthy as i32, "no Ready condition");
+    assert_eq!(workload(&t, "batch").status, WorkloadStatus::Unhealthy as i32);
     assert!(
         t.workloads.iter().all(|w| w.name != "done"),
         "finished pods are not workloads"
@@ -148,11 +129,7 @@ fn pod_becomes_a_workload_with_istio_fields() {
 fn enrolment_follows_pod_then_namespace_and_skips_sidecars() {
     let t = load(WORKLOADS);
     let tunnel = |name| TunnelProtocol::try_from(workload(&t, name).tunnel_protocol).unwrap();
-    assert_eq!(
-        tunnel("server-7d4b9c-x2x"),
-        TunnelProtocol::Hbone,
-        "ambient namespace"
-    );
+    assert_eq!(tunnel("server-7d4b9c-x2x"), TunnelProtocol::Hbone, "ambient namespace");
     assert_eq!(
         tunnel("batch"),
         TunnelProtocol::None,
@@ -232,11 +209,7 @@ fn waypoint_binding_narrower_wins_and_none_opts_out() {
             "istio.io/use-waypoint=missing: no Gateway of class istio-waypoint named demo/missing; traffic is not sent to a waypoint"
         ]
     );
-    assert_eq!(
-        service(&t, "ns-wp").waypoint,
-        None,
-        "the waypoint's own service"
-    );
+    assert_eq!(service(&t, "ns-wp").waypoint, None, "the waypoint's own service");
     // Workloads: the namespace waypoint serves services only; the pod's own label wins.
     assert_eq!(workload(&t, "follower").waypoint, None);
     assert_eq!(workload(&t, "direct").waypoint, Some(workload_waypoint));
@@ -259,20 +232,14 @@ fn authorization_policies_keep_scope_action_and_matches() {
     );
     let sources = &global.rules[0].clauses[0].matches[0].source_ips;
     assert_eq!(sources.len(), 2);
-    assert_eq!(
-        (sources[0].address.clone(), sources[0].length),
-        (ip("192.0.2.0"), 24)
-    );
+    assert_eq!((sources[0].address.clone(), sources[0].length), (ip("192.0.2.0"), 24));
     assert_eq!(
         (sources[1].address.clone(), sources[1].length),
         (ip("198.51.100.7"), 32)
     );
 
     let ns = policy(&t, "demo", "ns-allow");
-    assert_eq!(
-        (ns.scope, ns.action),
-        (Scope::Namespace as i32, Action::Allow as i32)
-    );
+    assert_eq!((ns.scope, ns.action), (Scope::Namespace as i32, Action::Allow as i32));
     let clauses = &ns.rules[0].clauses;
     assert_eq!(clauses.len(), 4, "from, to, and one per when condition");
     let from = &clauses[0].matches;
@@ -291,18 +258,12 @@ fn authorization_policies_keep_scope_action_and_matches() {
             },
         ]
     );
-    assert_eq!(
-        from[1].not_principals,
-        [exact("cluster.local/ns/demo/sa/evil")]
-    );
+    assert_eq!(from[1].not_principals, [exact("cluster.local/ns/demo/sa/evil")]);
     assert_eq!(clauses[1].matches[0].destination_ports, [8080, 9090]);
     assert_eq!(clauses[1].matches[0].not_destination_ports, [15000]);
     let when_ip = &clauses[2].matches[0];
     assert_eq!(
-        (
-            when_ip.source_ips[0].length,
-            when_ip.not_source_ips[0].length
-        ),
+        (when_ip.source_ips[0].length, when_ip.not_source_ips[0].length),
         (16, 32)
     );
     assert_eq!(clauses[3].matches[0].destination_ports, [8080]);
@@ -320,10 +281,7 @@ fn authorization_policies_keep_scope_action_and_matches() {
         workload(&t, "server").authorization_policies,
         ["demo/allow-get", "demo/server-only"]
     );
-    assert_eq!(
-        workload(&t, "other").authorization_policies,
-        ["demo/named-port"]
-    );
+    assert_eq!(workload(&t, "other").authorization_policies, ["demo/named-port"]);
     let resources = t.resources();
     let names: Vec<&str> = resources[1].1.iter().map(|r| r.name.as_str()).collect();
     assert!(names.contains(&"demo/ns-allow") && names.contains(&"istio-system/deny-range"));
@@ -334,13 +292,15 @@ fn http_fields_drop_allow_rules_and_are_stripped_from_deny_rules() {
     let t = load(POLICIES);
     let allow = policy(&t, "demo", "allow-get");
     assert_eq!(allow.rules.len(), 1, "the rule with methods is dropped");
-    assert_eq!(
-        allow.rules[0].clauses[0].matches[0].namespaces,
-        [exact("ops")]
-    );
+    assert_eq!(allow.rules[0].clauses[0].matches[0].namespaces, [exact("ops")]);
     let report = reports_for(&t, "AuthorizationPolicy/demo/allow-get");
     assert_eq!(report.len(), 1);
-    assert!(report[0].starts_with("partly applied: ztunnel enforces L4 attributes only (found: methods); ALLOW rules using them are omitted"), "{report:?}");
+    assert!(
+        report[0].starts_with(
+            "partly applied: ztunnel enforces L4 attributes only (found: methods); ALLOW rules using them are omitted"
+        ),
+        "{report:?}"
+    );
 
     let deny = policy(&t, "demo", "deny-delete");
     assert_eq!(deny.rules.len(), 1);
@@ -365,10 +325,7 @@ fn http_fields_drop_allow_rules_and_are_stripped_from_deny_rules() {
 
     // A named port cannot be enforced: the ALLOW rule fails closed (no rule: allows nothing).
     assert!(policy(&t, "demo", "named-port").rules.is_empty());
-    assert!(
-        reports_for(&t, "AuthorizationPolicy/demo/named-port")[0]
-            .contains("ports \"http\" (not a port number)")
-    );
+    assert!(reports_for(&t, "AuthorizationPolicy/demo/named-port")[0].contains("ports \"http\" (not a port number)"));
 
     assert!(
         t.authorizations
@@ -395,10 +352,7 @@ fn strict_mtls_denies_plaintext_per_workload_and_port() {
         }],
         ..Default::default()
     };
-    assert_eq!(
-        strict.rules[0].clauses[0].matches,
-        std::slice::from_ref(&plaintext)
-    );
+    assert_eq!(strict.rules[0].clauses[0].matches, std::slice::from_ref(&plaintext));
 
     let keys = |name| workload(&t, name).authorization_policies.clone();
     assert_eq!(
@@ -406,19 +360,10 @@ fn strict_mtls_denies_plaintext_per_workload_and_port() {
         ["istio-system/istio_converted_static_strict"],
         "namespace STRICT; the older policy wins"
     );
-    assert!(
-        keys("legacy").is_empty(),
-        "its selector policy makes it PERMISSIVE"
-    );
+    assert!(keys("legacy").is_empty(), "its selector policy makes it PERMISSIVE");
     assert!(keys("web").is_empty(), "mesh PERMISSIVE");
-    assert_eq!(
-        keys("metrics"),
-        ["strict/converted_peer_authentication_metrics-port"]
-    );
-    assert_eq!(
-        keys("db"),
-        ["relaxed/converted_peer_authentication_db-port"]
-    );
+    assert_eq!(keys("metrics"), ["strict/converted_peer_authentication_metrics-port"]);
+    assert_eq!(keys("db"), ["relaxed/converted_peer_authentication_db-port"]);
 
     // STRICT with 8081 exempt: deny plaintext unless the port is 8081.
     let metrics = policy(&t, "strict", "converted_peer_authentication_metrics-port");
@@ -458,11 +403,7 @@ fn service_entries_and_workload_entries() {
         .filter(|s| s.name == "payments")
         .map(|s| s.hostname.as_str())
         .collect();
-    assert_eq!(
-        hosts,
-        ["payments.example.com", "pay.internal"],
-        "one service per host"
-    );
+    assert_eq!(hosts, ["payments.example.com", "pay.internal"], "one service per host");
     let payments = service(&t, "payments");
     assert_eq!(payments.addresses[0].address, ip("240.0.0.10"));
     assert_eq!(payments.ports, [port(443, 8443)]);
@@ -482,10 +423,7 @@ fn service_entries_and_workload_entries() {
         "Kubernetes/networking.istio.io/ServiceEntry/shop/payments/192.0.2.10"
     );
     assert_eq!(endpoints[0].service_account, "payments");
-    assert_eq!(
-        endpoints[0].services["shop/pay.internal"].ports,
-        [port(443, 8443)]
-    );
+    assert_eq!(endpoints[0].services["shop/pay.internal"].ports, [port(443, 8443)]);
     assert_eq!(
         endpoints[1].services["shop/payments.example.com"].ports,
         [port(443, 9443)],
@@ -500,26 +438,16 @@ fn service_entries_and_workload_entries() {
     );
 
     let vm = workload(&t, "vm-1");
-    assert_eq!(
-        vm.uid,
-        "Kubernetes/networking.istio.io/WorkloadEntry/shop/vm-1"
-    );
+    assert_eq!(vm.uid, "Kubernetes/networking.istio.io/WorkloadEntry/shop/vm-1");
     assert_eq!(vm.addresses, [ip("10.5.0.1")]);
     assert_eq!(vm.service_account, "vm");
     assert_eq!(vm.tunnel_protocol, TunnelProtocol::Hbone as i32);
     assert_eq!(vm.canonical_revision, "v3");
     let expected: BTreeMap<String, Vec<Port>> = BTreeMap::from([
-        (
-            "shop/vm-svc.shop.svc.cluster.local".to_owned(),
-            vec![port(80, 8081)],
-        ),
+        ("shop/vm-svc.shop.svc.cluster.local".to_owned(), vec![port(80, 8081)]),
         ("shop/vm.shop.internal".to_owned(), vec![port(80, 8081)]),
     ]);
-    let services: BTreeMap<String, Vec<Port>> = vm
-        .services
-        .iter()
-        .map(|(k, v)| (k.clone(), v.ports.clone()))
-        .collect();
+    let services: BTreeMap<String, Vec<Port>> = vm.services.iter().map(|(k, v)| (k.clone(), v.ports.clone())).collect();
     assert_eq!(
         services, expected,
         "selected by the Service and the ServiceEntry, with the entry's named port"

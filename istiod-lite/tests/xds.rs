@@ -74,10 +74,7 @@ impl Client {
             .await
             .unwrap()
             .into_inner();
-        Self {
-            requests,
-            responses,
-        }
+        Self { requests, responses }
     }
 
     async fn subscribe(&self, type_url: &str, initial: &[(&str, &str)]) {
@@ -87,10 +84,7 @@ impl Client {
                 ..Default::default()
             }),
             type_url: type_url.into(),
-            initial_resource_versions: initial
-                .iter()
-                .map(|(n, v)| (n.to_string(), v.to_string()))
-                .collect(),
+            initial_resource_versions: initial.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect(),
             ..Default::default()
         })
         .await;
@@ -133,15 +127,9 @@ async fn full_state_first_then_only_changes_and_removals() {
     publisher.publish([
         (
             ADDRESS_TYPE_URL.to_owned(),
-            vec![
-                workload("c//Pod/demo/a", "a"),
-                workload("c//Pod/demo/b", "b"),
-            ],
+            vec![workload("c//Pod/demo/a", "a"), workload("c//Pod/demo/b", "b")],
         ),
-        (
-            AUTHORIZATION_TYPE_URL.to_owned(),
-            vec![policy("allow-client")],
-        ),
+        (AUTHORIZATION_TYPE_URL.to_owned(), vec![policy("allow-client")]),
     ]);
     let (channel, metrics) = start(&publisher).await;
     let mut client = Client::connect(channel).await;
@@ -150,8 +138,7 @@ async fn full_state_first_then_only_changes_and_removals() {
     let full = client.next().await;
     assert_eq!(full.type_url, ADDRESS_TYPE_URL);
     assert_eq!(names(&full), ["c//Pod/demo/a", "c//Pod/demo/b"]);
-    let decoded: Address =
-        prost::Message::decode(&*full.resources[0].resource.as_ref().unwrap().value).unwrap();
+    let decoded: Address = prost::Message::decode(&*full.resources[0].resource.as_ref().unwrap().value).unwrap();
     let Some(address::Type::Workload(w)) = decoded.r#type else {
         panic!("not a workload")
     };
@@ -180,10 +167,7 @@ async fn full_state_first_then_only_changes_and_removals() {
     // a goes away.
     publisher.publish([(
         ADDRESS_TYPE_URL.to_owned(),
-        vec![
-            workload("c//Pod/demo/b", "b2"),
-            workload("c//Pod/demo/c", "c"),
-        ],
+        vec![workload("c//Pod/demo/b", "b2"), workload("c//Pod/demo/c", "c")],
     )]);
     let removal = client.next().await;
     assert!(removal.resources.is_empty());
@@ -193,10 +177,7 @@ async fn full_state_first_then_only_changes_and_removals() {
     // Republishing the same state sends nothing.
     publisher.publish([(
         ADDRESS_TYPE_URL.to_owned(),
-        vec![
-            workload("c//Pod/demo/b", "b2"),
-            workload("c//Pod/demo/c", "c"),
-        ],
+        vec![workload("c//Pod/demo/b", "b2"), workload("c//Pod/demo/c", "c")],
     )]);
     client.nothing_more().await;
     assert_eq!(metrics.clients.get(), 1);
@@ -316,13 +297,7 @@ async fn a_stalled_client_costs_a_bounded_queue_and_catches_up_with_the_latest_s
             let mut latest = String::new();
             while !latest.contains(&format!("gen-{g}")) {
                 let response = reader.next().await;
-                let last = response
-                    .resources
-                    .last()
-                    .unwrap()
-                    .resource
-                    .as_ref()
-                    .unwrap();
+                let last = response.resources.last().unwrap().resource.as_ref().unwrap();
                 latest = String::from_utf8_lossy(&last.value).into_owned();
             }
         }
@@ -331,17 +306,13 @@ async fn a_stalled_client_costs_a_bounded_queue_and_catches_up_with_the_latest_s
     // on tonic's defaults) plus the small queue, not 1,000 responses; it ends at the latest state.
     let mut received = 0;
     let mut last = String::new();
-    while let Ok(Some(Ok(response))) =
-        tokio::time::timeout(Duration::from_millis(500), stalled.responses.next()).await
+    while let Ok(Some(Ok(response))) = tokio::time::timeout(Duration::from_millis(500), stalled.responses.next()).await
     {
         received += 1;
         if let Some(resource) = response.resources.last() {
             last = String::from_utf8_lossy(&resource.resource.as_ref().unwrap().value).into_owned();
         }
     }
-    assert!(
-        received < 150,
-        "{received} responses were held for a stalled client"
-    );
+    assert!(received < 150, "{received} responses were held for a stalled client");
     assert!(last.contains("gen-1000"), "caught up with the latest state");
 }

@@ -41,11 +41,7 @@ impl Routes {
     }
 
     /// Serves `path` with `handler` (any method; the handler checks it if it cares).
-    pub fn route(
-        mut self,
-        path: &str,
-        handler: impl Fn(&Parts) -> Response<String> + Send + Sync + 'static,
-    ) -> Self {
+    pub fn route(mut self, path: &str, handler: impl Fn(&Parts) -> Response<String> + Send + Sync + 'static) -> Self {
         self.handlers.insert(path.to_owned(), Arc::new(handler));
         self
     }
@@ -87,10 +83,7 @@ impl Routes {
                     Ok(()) => text(StatusCode::OK, format!("log filter: {level}\n")),
                     Err(error) => text(StatusCode::BAD_REQUEST, format!("{error}\n")),
                 },
-                (&Method::POST, None) => text(
-                    StatusCode::BAD_REQUEST,
-                    "POST /logging?level=<filter>\n".into(),
-                ),
+                (&Method::POST, None) => text(StatusCode::BAD_REQUEST, "POST /logging?level=<filter>\n".into()),
                 _ => text(StatusCode::OK, format!("log filter: {}\n", handle.filter())),
             }
         })
@@ -115,10 +108,7 @@ impl Routes {
                 paths.sort();
                 text(StatusCode::OK, paths.join("\n") + "\n")
             }
-            None => text(
-                StatusCode::NOT_FOUND,
-                format!("no handler for {}\n", parts.uri.path()),
-            ),
+            None => text(StatusCode::NOT_FOUND, format!("no handler for {}\n", parts.uri.path())),
         }
     }
 }
@@ -181,10 +171,7 @@ impl Readiness {
     /// Registers a task; the program is not ready until the returned guard is dropped.
     #[must_use = "the task counts as done as soon as the guard is dropped"]
     pub fn register(&self, task: &str) -> ReadyGuard {
-        self.pending
-            .lock()
-            .expect("not poisoned")
-            .insert(task.to_owned());
+        self.pending.lock().expect("not poisoned").insert(task.to_owned());
         ReadyGuard {
             readiness: self.clone(),
             task: task.to_owned(),
@@ -192,12 +179,7 @@ impl Readiness {
     }
 
     pub fn pending(&self) -> Vec<String> {
-        self.pending
-            .lock()
-            .expect("not poisoned")
-            .iter()
-            .cloned()
-            .collect()
+        self.pending.lock().expect("not poisoned").iter().cloned().collect()
     }
 
     pub fn is_ready(&self) -> bool {
@@ -214,10 +196,6 @@ pub struct ReadyGuard {
 
 impl Drop for ReadyGuard {
     fn drop(&mut self) {
-        self.readiness
-            .pending
-            .lock()
-            .expect("not poisoned")
-            .remove(&self.task);
+        self.readiness.pending.lock().expect("not poisoned").remove(&self.task);
     }
 }

@@ -66,9 +66,9 @@ impl Lifecycle {
         address: SocketAddr,
         routes: Routes,
     ) -> std::io::Result<SocketAddr> {
-        let listener = TcpListener::bind(address).await.map_err(|e| {
-            std::io::Error::new(e.kind(), format!("{name}: cannot listen on {address}: {e}"))
-        })?;
+        let listener = TcpListener::bind(address)
+            .await
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{name}: cannot listen on {address}: {e}")))?;
         let bound = listener.local_addr()?;
         info!(server = name, address = %bound, "listening");
         self.spawn(admin::serve(listener, routes, self.watch()));
@@ -87,18 +87,10 @@ impl Lifecycle {
     ) -> std::io::Result<()> {
         let admin = admin.logging(log).quit(self.stopper());
         self.serve_admin("admin", addresses.admin, admin).await?;
-        self.serve_admin(
-            "metrics",
-            addresses.metrics,
-            Routes::new().metrics(Arc::new(registry)),
-        )
-        .await?;
-        self.serve_admin(
-            "readiness",
-            addresses.readiness,
-            Routes::new().readiness(readiness),
-        )
-        .await?;
+        self.serve_admin("metrics", addresses.metrics, Routes::new().metrics(Arc::new(registry)))
+            .await?;
+        self.serve_admin("readiness", addresses.readiness, Routes::new().readiness(readiness))
+            .await?;
         Ok(())
     }
 

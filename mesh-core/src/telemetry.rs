@@ -56,8 +56,7 @@ pub struct LogHandle {
 
 impl LogHandle {
     pub fn set_filter(&self, filter: &str) -> Result<(), String> {
-        let parsed = EnvFilter::try_new(filter)
-            .map_err(|e| format!("invalid log filter {filter:?}: {e}"))?;
+        let parsed = EnvFilter::try_new(filter).map_err(|e| format!("invalid log filter {filter:?}: {e}"))?;
         self.filter.reload(parsed).map_err(|e| e.to_string())?;
         *self.current.lock().expect("not poisoned") = filter.to_owned();
         Ok(())
@@ -76,10 +75,7 @@ pub fn init_logging(args: &LogArgs) -> Result<LogHandle, tracing_subscriber::uti
 }
 
 /// The subscriber `init_logging` installs, writing to `writer` (tests capture it).
-pub fn subscriber<W>(
-    args: &LogArgs,
-    writer: W,
-) -> (impl tracing::Subscriber + Send + Sync, LogHandle)
+pub fn subscriber<W>(args: &LogArgs, writer: W) -> (impl tracing::Subscriber + Send + Sync, LogHandle)
 where
     W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Send + Sync + 'static,
 {
@@ -88,11 +84,7 @@ where
     let fmt = tracing_subscriber::fmt::layer().with_writer(writer);
     let fmt = match args.log_format {
         LogFormat::Text => fmt.boxed(),
-        LogFormat::Json => fmt
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .boxed(),
+        LogFormat::Json => fmt.json().flatten_event(true).with_current_span(true).boxed(),
     };
     let handle = LogHandle {
         filter: reload_handle,
@@ -107,7 +99,6 @@ pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.
 /// Renders a registry in the OpenMetrics text format.
 pub fn encode_metrics(registry: &Registry) -> String {
     let mut out = String::new();
-    prometheus_client::encoding::text::encode(&mut out, registry)
-        .expect("writing to a String cannot fail");
+    prometheus_client::encoding::text::encode(&mut out, registry).expect("writing to a String cannot fail");
     out
 }

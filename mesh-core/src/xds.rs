@@ -37,12 +37,7 @@ pub struct Rejection {
 /// Applies what the server sends. Rejected resources are NACKed; the rest of the response stays
 /// applied, as Envoy and ztunnel do.
 pub trait Handler: Send + 'static {
-    fn apply(
-        &mut self,
-        type_url: &str,
-        updates: Vec<Update>,
-        removed: Vec<String>,
-    ) -> Vec<Rejection>;
+    fn apply(&mut self, type_url: &str, updates: Vec<Update>, removed: Vec<String>) -> Vec<Rejection>;
 }
 
 /// Why a session with the server ended.
@@ -73,8 +68,8 @@ pub struct Server {
 impl Server {
     /// A plaintext server (`http://host:port`, local use).
     pub fn plaintext(address: &str) -> Result<Self, XdsError> {
-        let endpoint = Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|_| XdsError::Address(address.to_owned()))?;
+        let endpoint =
+            Endpoint::from_shared(format!("http://{address}")).map_err(|_| XdsError::Address(address.to_owned()))?;
         Ok(Self {
             endpoint: tuned(endpoint),
             token: None,
@@ -82,12 +77,7 @@ impl Server {
     }
 
     /// A TLS server verified against `root_pem` under `domain`, authenticated with a bearer token.
-    pub fn tls(
-        address: &str,
-        domain: &str,
-        root_pem: &str,
-        token: Option<&str>,
-    ) -> Result<Self, XdsError> {
+    pub fn tls(address: &str, domain: &str, root_pem: &str, token: Option<&str>) -> Result<Self, XdsError> {
         let endpoint = Endpoint::from_shared(format!("https://{address}"))
             .map_err(|_| XdsError::Address(address.to_owned()))?
             .tls_config(
@@ -160,13 +150,7 @@ impl<H> std::fmt::Debug for Client<H> {
 }
 
 impl<H: Handler> Client<H> {
-    pub fn new(
-        server: Server,
-        node: Node,
-        type_urls: &[&str],
-        backoff: Backoff,
-        handler: H,
-    ) -> Self {
+    pub fn new(server: Server, node: Node, type_urls: &[&str], backoff: Backoff, handler: H) -> Self {
         Self {
             server,
             node,
@@ -199,11 +183,7 @@ impl<H: Handler> Client<H> {
         }
     }
 
-    async fn session(
-        &mut self,
-        ready: &mut Option<ReadyGuard>,
-        answered: &mut bool,
-    ) -> Result<(), XdsError> {
+    async fn session(&mut self, ready: &mut Option<ReadyGuard>, answered: &mut bool) -> Result<(), XdsError> {
         let channel = self
             .server
             .endpoint
@@ -214,18 +194,14 @@ impl<H: Handler> Client<H> {
                 source,
             })?;
         let token = self.server.token.clone();
-        let mut client = AggregatedDiscoveryServiceClient::with_interceptor(
-            channel,
-            move |mut request: tonic::Request<()>| {
+        let mut client =
+            AggregatedDiscoveryServiceClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
                 if let Some(token) = &token {
-                    request
-                        .metadata_mut()
-                        .insert("authorization", token.clone());
+                    request.metadata_mut().insert("authorization", token.clone());
                 }
                 Ok(request)
-            },
-        )
-        .max_decoding_message_size(MAX_RESPONSE);
+            })
+            .max_decoding_message_size(MAX_RESPONSE);
         let (requests, queue) = mpsc::channel(self.type_urls.len() + 4);
         for (index, type_url) in self.type_urls.iter().enumerate() {
             let request = DeltaDiscoveryRequest {
@@ -234,9 +210,7 @@ impl<H: Handler> Client<H> {
                 initial_resource_versions: self.versions.get(type_url).cloned().unwrap_or_default(),
                 ..Default::default()
             };
-            requests
-                .try_send(request)
-                .expect("queue sized for the subscriptions");
+            requests.try_send(request).expect("queue sized for the subscriptions");
         }
         let mut responses = client
             .delta_aggregated_resources(ReceiverStream::new(queue))
@@ -273,10 +247,7 @@ impl<H: Handler> Client<H> {
                 })
             })
             .collect();
-        let accepted: Vec<(String, String)> = updates
-            .iter()
-            .map(|u| (u.name.clone(), u.version.clone()))
-            .collect();
+        let accepted: Vec<(String, String)> = updates.iter().map(|u| (u.name.clone(), u.version.clone())).collect();
         debug!(
             type_url,
             updates = accepted.len(),

@@ -33,9 +33,7 @@ async fn serves_metrics_readiness_and_custom_routes_until_drained() {
     let routes = Routes::new()
         .metrics(Arc::new(registry))
         .readiness(readiness.clone())
-        .route("/config_dump", |_| {
-            admin::text(http::StatusCode::OK, "{}".into())
-        });
+        .route("/config_dump", |_| admin::text(http::StatusCode::OK, "{}".into()));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let (signal, watch) = drain::channel();
@@ -55,10 +53,7 @@ async fn serves_metrics_readiness_and_custom_routes_until_drained() {
     let (_, body) = get(address, "/healthz/ready").await;
     assert_eq!(body, "not ready: waiting for certificates\n");
     drop(certificates);
-    assert_eq!(
-        get(address, "/healthz/ready").await,
-        (200, "ready\n".into())
-    );
+    assert_eq!(get(address, "/healthz/ready").await, (200, "ready\n".into()));
 
     assert_eq!(get(address, "/config_dump").await, (200, "{}".into()));
     let (status, body) = get(address, "/nope").await;
@@ -93,11 +88,7 @@ impl Write for Capture {
     }
 }
 
-fn capture(
-    format: LogFormat,
-    level: &str,
-    body: impl FnOnce(&mesh_core::telemetry::LogHandle),
-) -> String {
+fn capture(format: LogFormat, level: &str, body: impl FnOnce(&mesh_core::telemetry::LogHandle)) -> String {
     let out = Capture::default();
     let writer = out.clone();
     let args = LogArgs {

@@ -14,10 +14,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 const HOUR: Duration = Duration::from_secs(3600);
-const APP: SocketAddr = SocketAddr::new(
-    std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 1, 2, 3)),
-    8080,
-);
+const APP: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 1, 2, 3)), 8080);
 
 fn id(sa: &str) -> SpiffeId {
     SpiffeId::new("cluster.local", "demo", sa).unwrap()
@@ -56,10 +53,7 @@ struct Seen {
 
 /// Starts an HBONE server whose handler echoes every accepted stream (or rejects `/reject`-style
 /// authorities with 401). Dropping the returned handle's task kills the server and its connections.
-async fn echo_server(
-    mesh: &Mesh,
-    listener: TcpListener,
-) -> (JoinHandle<()>, Arc<Mutex<Seen>>, drain::Signal) {
+async fn echo_server(mesh: &Mesh, listener: TcpListener) -> (JoinHandle<()>, Arc<Mutex<Seen>>, drain::Signal) {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let config = Arc::new(tls::server_config(&mesh.server_cert).unwrap());
     let (signal, watch) = drain::channel();
@@ -92,9 +86,7 @@ async fn listener() -> (TcpListener, SocketAddr) {
 }
 
 fn pattern(seed: usize, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| ((i * 31 + seed * 7) % 251) as u8)
-        .collect()
+    (0..len).map(|i| ((i * 31 + seed * 7) % 251) as u8).collect()
 }
 
 /// Sends `data`, half-closes, and reads the echo until the server's half-close.
@@ -123,10 +115,7 @@ async fn hundred_concurrent_streams_share_one_connection_and_arrive_intact() {
     for i in 0..100 {
         let (pool, key, cert) = (pool.clone(), key.clone(), mesh.client_cert.clone());
         streams.push(tokio::spawn(async move {
-            let stream = pool
-                .connect(&key, &cert, APP, HeaderMap::new())
-                .await
-                .unwrap();
+            let stream = pool.connect(&key, &cert, APP, HeaderMap::new()).await.unwrap();
             let data = pattern(i, 1024 * 1024);
             let echoed = round_trip(stream, &data).await.unwrap();
             assert!(
@@ -184,18 +173,10 @@ async fn wrong_destination_identity_names_both_identities() {
     let (_server, seen, _signal) = echo_server(&mesh, listener).await;
     let pool = Pool::new(PoolConfig::default());
     let error = pool
-        .connect(
-            &mesh.key(address, "impostor"),
-            &mesh.client_cert,
-            APP,
-            HeaderMap::new(),
-        )
+        .connect(&mesh.key(address, "impostor"), &mesh.client_cert, APP, HeaderMap::new())
         .await
         .unwrap_err();
-    assert!(
-        matches!(error, HboneError::IdentityMismatch { .. }),
-        "{error:?}"
-    );
+    assert!(matches!(error, HboneError::IdentityMismatch { .. }), "{error:?}");
     let message = error.to_string();
     assert!(
         message.contains("spiffe://cluster.local/ns/demo/sa/server"),
@@ -237,18 +218,10 @@ async fn handler_rejection_reaches_the_client_as_its_status() {
     );
     // The connection stays usable for the next stream.
     let stream = pool
-        .connect(
-            &mesh.key(address, "server"),
-            &mesh.client_cert,
-            APP,
-            HeaderMap::new(),
-        )
+        .connect(&mesh.key(address, "server"), &mesh.client_cert, APP, HeaderMap::new())
         .await
         .unwrap();
-    assert_eq!(
-        round_trip(stream, b"still here").await.unwrap(),
-        b"still here"
-    );
+    assert_eq!(round_trip(stream, b"still here").await.unwrap(), b"still here");
     assert_eq!(pool.connection_count(), 1);
 }
 
@@ -285,11 +258,7 @@ async fn idle_connections_are_closed_after_the_timeout() {
         .await
         .unwrap();
     assert_eq!(round_trip(stream, b"again").await.unwrap(), b"again");
-    assert_eq!(
-        seen.lock().unwrap().peers.len(),
-        2,
-        "a new connection was dialed"
-    );
+    assert_eq!(seen.lock().unwrap().peers.len(), 2, "a new connection was dialed");
 }
 
 async fn settle() {
@@ -340,10 +309,7 @@ async fn a_server_dying_mid_stream_is_an_error_and_the_connection_is_never_reuse
 async fn wait_until(condition: impl Fn() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while !condition() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "condition not met within 5s"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "condition not met within 5s");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -401,9 +367,7 @@ async fn malformed_requests_get_400_without_reaching_the_handler() {
     let (sender, connection) = h2::client::handshake(tls).await.unwrap();
     tokio::spawn(connection);
     let requests = [
-        http::Request::get("http://10.1.2.3:8080/")
-            .body(())
-            .unwrap(),
+        http::Request::get("http://10.1.2.3:8080/").body(()).unwrap(),
         http::Request::builder()
             .method("CONNECT")
             .uri("example.com:80")
@@ -417,8 +381,5 @@ async fn malformed_requests_get_400_without_reaching_the_handler() {
         let response = response.await.unwrap();
         assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{description}");
     }
-    assert!(
-        seen.lock().unwrap().identities.is_empty(),
-        "handler never saw them"
-    );
+    assert!(seen.lock().unwrap().identities.is_empty(), "handler never saw them");
 }

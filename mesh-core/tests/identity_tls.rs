@@ -33,45 +33,39 @@ async fn handshake(
 ) -> (Result<SpiffeId, String>, Result<(), String>) {
     let (client_io, server_io) = tokio::io::duplex(64 * 1024);
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config(server_cert).unwrap()));
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(
-        client_config(client_cert, vec![expected]).unwrap(),
-    ));
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config(client_cert, vec![expected]).unwrap()));
     let server = async move {
-        let mut tls = acceptor
-            .accept(server_io)
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut tls = acceptor.accept(server_io).await.map_err(|e| e.to_string())?;
         let peer = peer_identity(tls.get_ref().1).map_err(|e| e.to_string())?;
         let mut byte = [0u8; 1];
         tls.read_exact(&mut byte).await.map_err(|e| e.to_string())?;
         Ok(peer)
     };
-    let client =
-        async move {
-            let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
-            let mut tls = connector.connect(name, client_io).await.map_err(|e| {
-                match identity_mismatch(&e) {
-                    Some(mismatch) => mismatch.to_string(),
-                    None => e.to_string(),
-                }
+    let client = async move {
+        let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+        let mut tls = connector
+            .connect(name, client_io)
+            .await
+            .map_err(|e| match identity_mismatch(&e) {
+                Some(mismatch) => mismatch.to_string(),
+                None => e.to_string(),
             })?;
-            assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-            assert_eq!(
-                tls.get_ref().1.protocol_version(),
-                Some(rustls::ProtocolVersion::TLSv1_3)
-            );
-            tls.write_all(b"x").await.map_err(|e| e.to_string())?;
-            tls.flush().await.map_err(|e| e.to_string())?;
-            Ok(())
-        };
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        assert_eq!(
+            tls.get_ref().1.protocol_version(),
+            Some(rustls::ProtocolVersion::TLSv1_3)
+        );
+        tls.write_all(b"x").await.map_err(|e| e.to_string())?;
+        tls.flush().await.map_err(|e| e.to_string())?;
+        Ok(())
+    };
     tokio::join!(server, client)
 }
 
 #[tokio::test]
 async fn mutual_tls_carries_both_identities() {
     let ca = Authority::self_signed("cluster.local").unwrap();
-    let (server, client) =
-        handshake(&valid(&ca, "server"), &valid(&ca, "client"), id("server")).await;
+    let (server, client) = handshake(&valid(&ca, "server"), &valid(&ca, "client"), id("server")).await;
     assert_eq!(client, Ok(()));
     assert_eq!(server, Ok(id("client")));
 }
@@ -81,14 +75,8 @@ async fn wrong_server_identity_is_refused_naming_both() {
     let ca = Authority::self_signed("cluster.local").unwrap();
     let (_, client) = handshake(&valid(&ca, "server"), &valid(&ca, "client"), id("other")).await;
     let error = client.unwrap_err();
-    assert!(
-        error.contains("spiffe://cluster.local/ns/demo/sa/server"),
-        "{error}"
-    );
-    assert!(
-        error.contains("spiffe://cluster.local/ns/demo/sa/other"),
-        "{error}"
-    );
+    assert!(error.contains("spiffe://cluster.local/ns/demo/sa/server"), "{error}");
+    assert!(error.contains("spiffe://cluster.local/ns/demo/sa/other"), "{error}");
 }
 
 #[tokio::test]
@@ -111,12 +99,7 @@ async fn expired_client_certificate_is_refused() {
 async fn server_from_another_root_is_refused() {
     let ca = Authority::self_signed("cluster.local").unwrap();
     let stranger = Authority::self_signed("cluster.local").unwrap();
-    let (_, client) = handshake(
-        &valid(&stranger, "server"),
-        &valid(&ca, "client"),
-        id("server"),
-    )
-    .await;
+    let (_, client) = handshake(&valid(&stranger, "server"), &valid(&ca, "client"), id("server")).await;
     let error = client.unwrap_err();
     // Both roots are named after the trust domain, so webpki finds the wrong one by name and the
     // signature check refuses it; with distinct names it would be UnknownIssuer.
@@ -132,12 +115,8 @@ async fn client_from_another_root_is_refused() {
     let stranger = Authority::self_signed("cluster.local").unwrap();
     // The client trusts the mesh root but presents a certificate signed by a stranger.
     let foreign = valid(&stranger, "client");
-    let client = WorkloadCertificate::new(
-        foreign.chain().to_vec(),
-        foreign.key().clone_key(),
-        ca.roots().clone(),
-    )
-    .unwrap();
+    let client =
+        WorkloadCertificate::new(foreign.chain().to_vec(), foreign.key().clone_key(), ca.roots().clone()).unwrap();
     let (server, _) = handshake(&valid(&ca, "server"), &client, id("server")).await;
     let error = server.unwrap_err();
     // Both roots are named after the trust domain, so webpki finds the wrong one by name and the
@@ -156,9 +135,7 @@ fn csr_round_trip_through_the_authority() {
     // The CA decides the identity, whatever the CSR asked for.
     let chain = ca.sign_csr(&request.csr_pem, &id("granted"), HOUR).unwrap();
     assert_eq!(chain.len(), 2, "leaf and root");
-    let cert = request
-        .into_certificate(&chain, ca.roots().clone())
-        .unwrap();
+    let cert = request.into_certificate(&chain, ca.roots().clone()).unwrap();
     assert_eq!(cert.identity(), &id("granted"));
     let lifetime = cert.not_after().duration_since(cert.not_before()).unwrap();
     assert!(
@@ -180,9 +157,7 @@ fn authority_round_trips_through_its_pem_files() {
     let ca = Authority::self_signed("cluster.local").unwrap();
     let reloaded = Authority::from_pem(ca.pem().clone()).unwrap();
     let (server, client) = (valid(&ca, "server"), valid(&reloaded, "client"));
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
     let (server_saw, client_saw) = runtime.block_on(handshake(&server, &client, id("server")));
     assert_eq!(client_saw, Ok(()));
     assert_eq!(server_saw, Ok(id("client")));

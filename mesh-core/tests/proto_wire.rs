@@ -330,9 +330,7 @@ const SVC_NAME: &str = "reviews";
 const SVC_NAMESPACE: &str = "bookinfo";
 const SVC_HOSTNAME: &str = "reviews.bookinfo.svc.cluster.local";
 const SVC_VIP4: [u8; 4] = [10, 96, 12, 34];
-const SVC_VIP6: [u8; 16] = [
-    0xfd, 0, 0x10, 0x96, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x12, 0x34,
-];
+const SVC_VIP6: [u8; 16] = [0xfd, 0, 0x10, 0x96, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x12, 0x34];
 const SVC_SAN_1: &str = "spiffe://td.example/ns/bookinfo/sa/reviews";
 const SVC_SAN_2: &str = "spiffe://td.example/ns/bookinfo/sa/reviews-canary";
 
@@ -383,17 +381,12 @@ fn workload_address_bytes() -> Vec<u8> {
         .string(istio::locality::REGION, "us-west1")
         .string(istio::locality::ZONE, "us-west1-b")
         .string(istio::locality::SUBZONE, "rack-7");
-    let extension = Pb::new()
-        .string(istio::extension::NAME, "example.com/ext")
-        .msg(
-            istio::extension::CONFIG,
-            Pb::new()
-                .string(
-                    istio::any::TYPE_URL,
-                    "type.googleapis.com/google.protobuf.StringValue",
-                )
-                .bytes(istio::any::VALUE, &[0x0a, 0x02, b'h', b'i']),
-        );
+    let extension = Pb::new().string(istio::extension::NAME, "example.com/ext").msg(
+        istio::extension::CONFIG,
+        Pb::new()
+            .string(istio::any::TYPE_URL, "type.googleapis.com/google.protobuf.StringValue")
+            .bytes(istio::any::VALUE, &[0x0a, 0x02, b'h', b'i']),
+    );
     // What an older istiod sends in the now-reserved field 15 (virtual_ips map entry).
     let legacy_virtual_ip = Pb::new().string(istio::map_entry::KEY, "10.96.0.1").msg(
         istio::map_entry::VALUE,
@@ -431,9 +424,7 @@ fn workload_address_bytes() -> Vec<u8> {
         .msg(f::EXTENSIONS, extension)
         .msg(f::CAPACITY, Pb::new().varint(istio::wrapper::VALUE, 7));
 
-    Pb::new()
-        .msg(istio::address::WORKLOAD, workload)
-        .into_bytes()
+    Pb::new().msg(istio::address::WORKLOAD, workload).into_bytes()
 }
 
 /// Address{service: Service{...}} exactly as istiod would put it on the wire.
@@ -455,8 +446,7 @@ fn service_address_bytes() -> Vec<u8> {
         .varint(lb::MODE, lb::MODE_FAILOVER)
         .varint(lb::HEALTH_POLICY, lb::HEALTH_ALLOW_ALL)
         .varint(lb::DNS_CONNECT_STRATEGY, lb::DNS_FIRST_HEALTHY_RACE);
-    let http_port =
-        port(9080, 9090).varint(istio::port::APP_PROTOCOL, istio::enums::APP_PROTOCOL_HTTP2);
+    let http_port = port(9080, 9090).varint(istio::port::APP_PROTOCOL, istio::enums::APP_PROTOCOL_HTTP2);
 
     let service = Pb::new()
         .string(f::NAME, SVC_NAME)
@@ -471,10 +461,7 @@ fn service_address_bytes() -> Vec<u8> {
         .msg(f::WAYPOINT, waypoint)
         .msg(f::LOAD_BALANCING, load_balancing)
         .varint(f::IP_FAMILIES, istio::enums::IP_FAMILIES_DUAL)
-        .msg(
-            f::EXTENSIONS,
-            Pb::new().string(istio::extension::NAME, "svc-ext"),
-        )
+        .msg(f::EXTENSIONS, Pb::new().string(istio::extension::NAME, "svc-ext"))
         .varint(f::CANONICAL, 1)
         .varint(f::INGRESS_USE_WAYPOINT, 1);
 
@@ -489,20 +476,14 @@ fn service_address_bytes() -> Vec<u8> {
 #[test]
 fn hand_writer_matches_protobuf_spec() {
     // field 1, varint 150 -> 08 96 01
-    assert_eq!(
-        Pb::new().varint(1, 150).into_bytes(),
-        vec![0x08, 0x96, 0x01]
-    );
+    assert_eq!(Pb::new().varint(1, 150).into_bytes(), vec![0x08, 0x96, 0x01]);
     // field 2, string "testing" -> 12 07 74 65 73 74 69 6e 67
     assert_eq!(
         Pb::new().string(2, "testing").into_bytes(),
         vec![0x12, 0x07, 0x74, 0x65, 0x73, 0x74, 0x69, 0x6e, 0x67]
     );
     // field 20 (Workload.uid), LEN -> key 160|2 = 162 = a2 01
-    assert_eq!(
-        Pb::new().string(20, "").into_bytes(),
-        vec![0xa2, 0x01, 0x00]
-    );
+    assert_eq!(Pb::new().string(20, "").into_bytes(), vec![0xa2, 0x01, 0x00]);
     // packed [3, 270, 86942] in field 4 -> 22 06 03 8e 02 9e a7 05
     assert_eq!(
         Pb::new().packed(4, &[3, 270, 86942]).into_bytes(),
@@ -513,8 +494,8 @@ fn hand_writer_matches_protobuf_spec() {
 #[test]
 fn decodes_istio_workload_address() {
     use mesh_core::proto::workload::{
-        Address, NetworkMode, TunnelProtocol, WorkloadStatus, WorkloadType, address,
-        application_tunnel, gateway_address,
+        Address, NetworkMode, TunnelProtocol, WorkloadStatus, WorkloadType, address, application_tunnel,
+        gateway_address,
     };
 
     let bytes = workload_address_bytes();
@@ -550,11 +531,7 @@ fn decodes_istio_workload_address() {
     assert_eq!(w.capacity, Some(7));
 
     // services: map<string, PortList>
-    assert_eq!(
-        w.services.len(),
-        1,
-        "reserved field 15 must not leak into services"
-    );
+    assert_eq!(w.services.len(), 1, "reserved field 15 must not leak into services");
     let ports = &w.services.get(WL_SVC_KEY).expect("services entry").ports;
     assert_eq!(ports.len(), 1);
     assert_eq!(ports[0].service_port, 9080);
@@ -596,18 +573,13 @@ fn decodes_istio_workload_address() {
     assert_eq!(w.extensions.len(), 1);
     assert_eq!(w.extensions[0].name, "example.com/ext");
     let cfg = w.extensions[0].config.as_ref().expect("extension config");
-    assert_eq!(
-        cfg.type_url,
-        "type.googleapis.com/google.protobuf.StringValue"
-    );
+    assert_eq!(cfg.type_url, "type.googleapis.com/google.protobuf.StringValue");
     assert_eq!(cfg.value, vec![0x0a, 0x02, b'h', b'i']);
 }
 
 #[test]
 fn decodes_istio_service_address() {
-    use mesh_core::proto::workload::{
-        Address, AppProtocol, IpFamilies, address, gateway_address, load_balancing,
-    };
+    use mesh_core::proto::workload::{Address, AppProtocol, IpFamilies, address, gateway_address, load_balancing};
 
     let bytes = service_address_bytes();
     let addr = Address::decode(bytes.as_slice()).expect("istiod service bytes must decode");
@@ -634,10 +606,7 @@ fn decodes_istio_service_address() {
     assert_eq!(ports, vec![(9080, 9090, 2), (15443, 8443, 0)]);
     assert_eq!(s.ports[0].app_protocol(), AppProtocol::Http2);
 
-    assert_eq!(
-        s.subject_alt_names,
-        vec![SVC_SAN_1.to_string(), SVC_SAN_2.to_string()]
-    );
+    assert_eq!(s.subject_alt_names, vec![SVC_SAN_1.to_string(), SVC_SAN_2.to_string()]);
 
     let wp = s.waypoint.as_ref().expect("waypoint");
     assert_eq!(wp.hbone_mtls_port, 15008);
@@ -710,29 +679,19 @@ fn decodes_istio_authorization() {
     let the_match = Pb::new()
         .msg(m::NAMESPACES, Pb::new().string(sm::SUFFIX, "-prod"))
         .msg(m::NOT_NAMESPACES, Pb::new().msg(sm::PRESENCE, Pb::new()))
-        .msg(
-            m::PRINCIPALS,
-            exact("spiffe://td.example/ns/bookinfo/sa/productpage"),
-        )
-        .msg(
-            m::PRINCIPALS,
-            exact("td.example/ns/istio-system/sa/ingress"),
-        )
+        .msg(m::PRINCIPALS, exact("spiffe://td.example/ns/bookinfo/sa/productpage"))
+        .msg(m::PRINCIPALS, exact("td.example/ns/istio-system/sa/ingress"))
         .msg(
             m::NOT_PRINCIPALS,
             Pb::new().string(sm::PREFIX, "td.example/ns/untrusted/"),
         )
         .msg(
             m::SOURCE_IPS,
-            Pb::new()
-                .bytes(cidr::ADDRESS, &[10, 0, 0, 0])
-                .varint(cidr::LENGTH, 8),
+            Pb::new().bytes(cidr::ADDRESS, &[10, 0, 0, 0]).varint(cidr::LENGTH, 8),
         )
         .msg(
             m::NOT_SOURCE_IPS,
-            Pb::new()
-                .bytes(cidr::ADDRESS, &[10, 9, 0, 0])
-                .varint(cidr::LENGTH, 16),
+            Pb::new().bytes(cidr::ADDRESS, &[10, 9, 0, 0]).varint(cidr::LENGTH, 16),
         )
         .msg(
             m::DESTINATION_IPS,
@@ -797,9 +756,7 @@ fn decodes_istio_authorization() {
     );
     assert_eq!(
         mm.not_principals[0].match_type,
-        Some(string_match::MatchType::Prefix(
-            "td.example/ns/untrusted/".to_string()
-        ))
+        Some(string_match::MatchType::Prefix("td.example/ns/untrusted/".to_string()))
     );
     assert_eq!(
         mm.namespaces[0].match_type,
@@ -816,10 +773,7 @@ fn decodes_istio_authorization() {
     assert_eq!(cidrs(&mm.source_ips), vec![(vec![10, 0, 0, 0], 8)]);
     assert_eq!(cidrs(&mm.not_source_ips), vec![(vec![10, 9, 0, 0], 16)]);
     assert_eq!(cidrs(&mm.destination_ips), vec![(vec![192, 168, 1, 0], 24)]);
-    assert_eq!(
-        cidrs(&mm.not_destination_ips),
-        vec![(vec![192, 168, 1, 1], 32)]
-    );
+    assert_eq!(cidrs(&mm.not_destination_ips), vec![(vec![192, 168, 1, 1], 32)]);
     assert_eq!(mm.destination_ports, vec![9080, 15021]);
     assert_eq!(mm.not_destination_ports, vec![22]);
 
@@ -855,10 +809,7 @@ fn decodes_delta_discovery_response_with_address() {
         .string(f::TYPE_URL, TYPE_URL)
         .string(f::NONCE, "nonce-abc")
         .string(f::REMOVED_RESOURCES, "Kubernetes//Pod/bookinfo/gone")
-        .msg(
-            f::CONTROL_PLANE,
-            Pb::new().string(cp::IDENTIFIER, "istiod-lite-0"),
-        )
+        .msg(f::CONTROL_PLANE, Pb::new().string(cp::IDENTIFIER, "istiod-lite-0"))
         .into_bytes();
 
     let resp = DeltaDiscoveryResponse::decode(bytes.as_slice()).expect("decode");
@@ -879,12 +830,7 @@ fn decodes_delta_discovery_response_with_address() {
     assert_eq!(res.aliases, vec!["network-west/10.244.1.17".to_string()]);
     assert_eq!(res.version, "v42");
     assert_eq!(res.ttl.as_ref().map(|d| d.seconds), Some(30));
-    assert!(
-        res.cache_control
-            .as_ref()
-            .expect("cache_control")
-            .do_not_cache
-    );
+    assert!(res.cache_control.as_ref().expect("cache_control").do_not_cache);
     let any = res.resource.as_ref().expect("resource");
     assert_eq!(any.type_url, TYPE_URL);
     let inner = Address::decode(any.value.as_slice()).expect("inner Address");
@@ -911,16 +857,10 @@ fn decodes_delta_discovery_request() {
                 .string(n::LOCALITY_SUB_ZONE, "s1"),
         )
         .string(n::USER_AGENT_NAME, "ztunnel")
-        .string(
-            n::CLIENT_FEATURES,
-            "envoy.lb.does_not_support_overprovisioning",
-        );
+        .string(n::CLIENT_FEATURES, "envoy.lb.does_not_support_overprovisioning");
     let bytes = Pb::new()
         .msg(f::NODE, node)
-        .string(
-            f::TYPE_URL,
-            "type.googleapis.com/istio.security.Authorization",
-        )
+        .string(f::TYPE_URL, "type.googleapis.com/istio.security.Authorization")
         .string(f::RESOURCE_NAMES_SUBSCRIBE, "*")
         .string(f::RESOURCE_NAMES_UNSUBSCRIBE, "bookinfo/old-policy")
         .msg(
@@ -932,9 +872,7 @@ fn decodes_delta_discovery_request() {
         .string(f::RESPONSE_NONCE, "nonce-abc")
         .msg(
             f::ERROR_DETAIL,
-            Pb::new()
-                .varint(st::CODE, 3)
-                .string(st::MESSAGE, "bad policy"),
+            Pb::new().varint(st::CODE, 3).string(st::MESSAGE, "bad policy"),
         )
         .into_bytes();
 
@@ -947,11 +885,7 @@ fn decodes_delta_discovery_request() {
     assert_eq!(node.cluster, "Kubernetes");
     let loc = node.locality.as_ref().expect("locality");
     assert_eq!(
-        (
-            loc.region.as_str(),
-            loc.zone.as_str(),
-            loc.sub_zone.as_str()
-        ),
+        (loc.region.as_str(), loc.zone.as_str(), loc.sub_zone.as_str()),
         ("r1", "z1", "s1")
     );
     assert_eq!(node.user_agent_name, "ztunnel");
@@ -959,15 +893,9 @@ fn decodes_delta_discovery_request() {
         node.client_features,
         vec!["envoy.lb.does_not_support_overprovisioning".to_string()]
     );
-    assert_eq!(
-        req.type_url,
-        "type.googleapis.com/istio.security.Authorization"
-    );
+    assert_eq!(req.type_url, "type.googleapis.com/istio.security.Authorization");
     assert_eq!(req.resource_names_subscribe, vec!["*".to_string()]);
-    assert_eq!(
-        req.resource_names_unsubscribe,
-        vec!["bookinfo/old-policy".to_string()]
-    );
+    assert_eq!(req.resource_names_unsubscribe, vec!["bookinfo/old-policy".to_string()]);
     assert_eq!(
         req.initial_resource_versions,
         BTreeMap::from([("bookinfo/allow-gateway".to_string(), "v7".to_string())])
@@ -1001,10 +929,7 @@ fn decodes_istio_ca_messages() {
         .msg(rs::ROOT_CERT, Pb::new().string(rs::ROOTS_CA_CERT, "ROOT"))
         .into_bytes();
     let resp = IstioCertificateResponse::decode(resp.as_slice()).expect("decode response");
-    assert_eq!(
-        resp.cert_chain,
-        vec!["LEAF".to_string(), "INTERMEDIATE".to_string()]
-    );
+    assert_eq!(resp.cert_chain, vec!["LEAF".to_string(), "INTERMEDIATE".to_string()]);
     assert_eq!(
         resp.root_cert.as_ref().map(|r| r.ca_cert.clone()),
         Some(vec!["ROOT".to_string()])

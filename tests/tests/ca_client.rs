@@ -28,13 +28,7 @@ async fn gets_certificates_for_its_pods_only() {
         ("node-1".to_owned(), mine.clone()),
         ("node-2".to_owned(), elsewhere.clone()),
     ]));
-    let service = CertificateService::new(
-        authority.clone(),
-        tokens,
-        pods,
-        "cluster.local",
-        Lifetimes::default(),
-    );
+    let service = CertificateService::new(authority.clone(), tokens, pods, "cluster.local", Lifetimes::default());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     tokio::spawn(

@@ -10,12 +10,8 @@ use std::time::{Duration, SystemTime};
 
 use mesh_core::hbone::{Pool, PoolConfig, Server};
 use mesh_core::identity::{Authority, SpiffeId, WorkloadCertificate};
-use mesh_core::proto::security::{
-    Action, Authorization, Clause, Match, Rule, Scope, StringMatch, string_match,
-};
-use mesh_core::proto::workload::{
-    NetworkAddress, Port, PortList, Service, TunnelProtocol, Workload, WorkloadStatus,
-};
+use mesh_core::proto::security::{Action, Authorization, Clause, Match, Rule, Scope, StringMatch, string_match};
+use mesh_core::proto::workload::{NetworkAddress, Port, PortList, Service, TunnelProtocol, Workload, WorkloadStatus};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use ztunnel::certificates::{CertificateError, CertificateManager, CertificateSource, Retry};
@@ -32,30 +28,16 @@ impl CertificateSource for Direct {
         let now = SystemTime::now();
         Ok(self
             .0
-            .issue(
-                identity,
-                now - Duration::from_secs(60),
-                now + Duration::from_secs(3600),
-            )
+            .issue(identity, now - Duration::from_secs(60), now + Duration::from_secs(3600))
             .unwrap())
     }
 }
 
 fn ip(text: &str) -> Vec<u8> {
-    text.parse::<std::net::Ipv4Addr>()
-        .unwrap()
-        .octets()
-        .to_vec()
+    text.parse::<std::net::Ipv4Addr>().unwrap().octets().to_vec()
 }
 
-fn workload(
-    uid: &str,
-    address: &str,
-    node: &str,
-    sa: &str,
-    hbone: bool,
-    service: bool,
-) -> Workload {
+fn workload(uid: &str, address: &str, node: &str, sa: &str, hbone: bool, service: bool) -> Workload {
     let services = if service {
         [(
             SERVICE.to_owned(),
@@ -122,44 +104,16 @@ async fn mesh(base: u8) -> Mesh {
     {
         let mut state = state.write().unwrap();
         state
-            .insert_workload(workload(
-                "client",
-                &addr(10, 1),
-                "node-1",
-                "client",
-                true,
-                false,
-            ))
+            .insert_workload(workload("client", &addr(10, 1), "node-1", "client", true, false))
             .unwrap();
         state
-            .insert_workload(workload(
-                "server-1",
-                &addr(20, 1),
-                "node-2",
-                "server",
-                true,
-                true,
-            ))
+            .insert_workload(workload("server-1", &addr(20, 1), "node-2", "server", true, true))
             .unwrap();
         state
-            .insert_workload(workload(
-                "server-2",
-                &addr(20, 2),
-                "node-2",
-                "server",
-                true,
-                true,
-            ))
+            .insert_workload(workload("server-2", &addr(20, 2), "node-2", "server", true, true))
             .unwrap();
         state
-            .insert_workload(workload(
-                "legacy",
-                &addr(30, 1),
-                "node-2",
-                "legacy",
-                false,
-                false,
-            ))
+            .insert_workload(workload("legacy", &addr(30, 1), "node-2", "legacy", false, false))
             .unwrap();
         state
             .insert_service(Service {
@@ -195,10 +149,7 @@ async fn mesh(base: u8) -> Mesh {
         signals.push(signal);
         let context = node2.clone();
         let handler = move |request| inbound::handle(context.clone(), request);
-        tokio::spawn(
-            Server::new(inbound::WorkloadCertificates(node2.clone()))
-                .serve(listener, handler, watch),
-        );
+        tokio::spawn(Server::new(inbound::WorkloadCertificates(node2.clone())).serve(listener, handler, watch));
     }
     let apps = vec![
         app(&format!("{}:8080", addr(20, 1)), "one").await,
@@ -214,12 +165,7 @@ async fn mesh(base: u8) -> Mesh {
 }
 
 /// Sends `data` from the client through outbound to `destination`; returns what came back.
-async fn send(
-    mesh: &Mesh,
-    base: u8,
-    destination: &str,
-    data: &[u8],
-) -> Result<Vec<u8>, OutboundError> {
+async fn send(mesh: &Mesh, base: u8, destination: &str, data: &[u8]) -> Result<Vec<u8>, OutboundError> {
     let (mut client, proxied) = tokio::io::duplex(64 * 1024);
     let source: SocketAddr = format!("127.{base}.10.1:40000").parse().unwrap();
     let destination: SocketAddr = destination.parse().unwrap();
@@ -231,8 +177,7 @@ async fn send(
         let _ = client.read_to_end(&mut received).await;
         received
     };
-    let (carried, received) =
-        tokio::join!(mesh.outbound.proxy(proxied, source, destination), exchange);
+    let (carried, received) = tokio::join!(mesh.outbound.proxy(proxied, source, destination), exchange);
     carried.map(|_| received)
 }
 
@@ -269,9 +214,7 @@ async fn an_allow_policy_for_someone_else_denies_with_401_before_the_app() {
             clauses: vec![Clause {
                 matches: vec![Match {
                     principals: vec![StringMatch {
-                        match_type: Some(string_match::MatchType::Exact(
-                            "cluster.local/ns/demo/sa/admin".into(),
-                        )),
+                        match_type: Some(string_match::MatchType::Exact("cluster.local/ns/demo/sa/admin".into())),
                     }],
                     ..Default::default()
                 }],
@@ -279,9 +222,7 @@ async fn an_allow_policy_for_someone_else_denies_with_401_before_the_app() {
         }],
     };
     mesh.state.write().unwrap().insert_policy(only_admin);
-    let error = send(&mesh, 43, "127.43.20.1:8080", b"hi")
-        .await
-        .unwrap_err();
+    let error = send(&mesh, 43, "127.43.20.1:8080", b"hi").await.unwrap_err();
     assert!(error.to_string().contains("401"), "{error}");
     assert_eq!(
         mesh.apps[0].load(Ordering::SeqCst),

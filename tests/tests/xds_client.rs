@@ -20,12 +20,7 @@ use prost::Message;
 struct Workloads(Arc<Mutex<BTreeMap<String, String>>>);
 
 impl Handler for Workloads {
-    fn apply(
-        &mut self,
-        type_url: &str,
-        updates: Vec<Update>,
-        removed: Vec<String>,
-    ) -> Vec<Rejection> {
+    fn apply(&mut self, type_url: &str, updates: Vec<Update>, removed: Vec<String>) -> Vec<Rejection> {
         if type_url != ADDRESS_TYPE_URL {
             return Vec::new();
         }
@@ -64,10 +59,7 @@ impl Workloads {
     }
 
     async fn wait_for(&self, expected: &[(&str, &str)]) {
-        let expected: BTreeMap<String, String> = expected
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let expected: BTreeMap<String, String> = expected.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         tokio::time::timeout(Duration::from_secs(10), async {
             while self.snapshot() != expected {
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -90,10 +82,7 @@ fn workload(uid: &str, name: &str) -> Resource {
 }
 
 fn publish(publisher: &Publisher, workloads: &[(&str, &str)]) {
-    let resources = workloads
-        .iter()
-        .map(|(uid, name)| workload(uid, name))
-        .collect();
+    let resources = workloads.iter().map(|(uid, name)| workload(uid, name)).collect();
     publisher.publish([
         (ADDRESS_TYPE_URL.to_owned(), resources),
         (AUTHORIZATION_TYPE_URL.to_owned(), Vec::new()),
@@ -158,11 +147,7 @@ async fn follows_the_controller_nacks_bad_resources_and_survives_a_restart() {
     // The controller dies; the client keeps serving its last state.
     drop(controller);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        state.snapshot().len(),
-        2,
-        "state kept while the controller is away"
-    );
+    assert_eq!(state.snapshot().len(), 2, "state kept while the controller is away");
 
     // Meanwhile b is removed and c added; the restarted controller on the same address sends
     // exactly that to the re-subscribing client (which declared the versions it holds).

@@ -42,10 +42,7 @@ impl From<mesh_core::identity::CertificateError> for CertificateError {
 
 /// Where certificates come from (the CA; a fake in tests).
 pub trait CertificateSource: Send + Sync + 'static {
-    fn fetch(
-        &self,
-        identity: &SpiffeId,
-    ) -> impl Future<Output = Result<WorkloadCertificate, CertificateError>> + Send;
+    fn fetch(&self, identity: &SpiffeId) -> impl Future<Output = Result<WorkloadCertificate, CertificateError>> + Send;
 }
 
 /// Retry delays after a failed fetch.
@@ -112,23 +109,15 @@ impl<S: CertificateSource> CertificateManager<S> {
     }
 
     /// A valid certificate for `identity`, fetching it first if needed.
-    pub async fn get(
-        self: &Arc<Self>,
-        identity: &SpiffeId,
-    ) -> Result<Arc<WorkloadCertificate>, CertificateError> {
+    pub async fn get(self: &Arc<Self>, identity: &SpiffeId) -> Result<Arc<WorkloadCertificate>, CertificateError> {
         let mut changes = self.keep(identity);
         loop {
-            let slot = self
-                .slots
-                .lock()
-                .expect("not poisoned")
-                .get(identity)
-                .cloned();
+            let slot = self.slots.lock().expect("not poisoned").get(identity).cloned();
             match slot {
                 Some(Slot::Ready(held)) => return Ok(held.certificate),
-                Some(Slot::Failed {
-                    held: Some(held), ..
-                }) if held.expires > Instant::now() => return Ok(held.certificate),
+                Some(Slot::Failed { held: Some(held), .. }) if held.expires > Instant::now() => {
+                    return Ok(held.certificate);
+                }
                 Some(Slot::Failed { reason, .. }) => {
                     return Err(CertificateError::Unavailable {
                         identity: identity.to_string(),
@@ -153,9 +142,7 @@ impl<S: CertificateSource> CertificateManager<S> {
             .iter()
             .map(|(id, slot)| {
                 let certificate = match slot {
-                    Slot::Ready(h) | Slot::Failed { held: Some(h), .. } => {
-                        Some(h.certificate.clone())
-                    }
+                    Slot::Ready(h) | Slot::Failed { held: Some(h), .. } => Some(h.certificate.clone()),
                     _ => None,
                 };
                 (id.clone(), certificate)
@@ -199,9 +186,7 @@ impl<S: CertificateSource> CertificateManager<S> {
                 Err(error) => {
                     warn!(%identity, %error, retry_in = ?delay, "certificate fetch failed; keeping the current one while valid");
                     let held = match self.slots.lock().expect("not poisoned").get(&identity) {
-                        Some(Slot::Ready(h) | Slot::Failed { held: Some(h), .. }) => {
-                            Some(h.clone())
-                        }
+                        Some(Slot::Ready(h) | Slot::Failed { held: Some(h), .. }) => Some(h.clone()),
                         _ => None,
                     };
                     let held = held.filter(|h| h.expires > Instant::now());
@@ -259,10 +244,7 @@ mod tests {
     }
 
     impl CertificateSource for Arc<FakeCa> {
-        async fn fetch(
-            &self,
-            identity: &SpiffeId,
-        ) -> Result<WorkloadCertificate, CertificateError> {
+        async fn fetch(&self, identity: &SpiffeId) -> Result<WorkloadCertificate, CertificateError> {
             self.fetches.fetch_add(1, Ordering::SeqCst);
             if self.failing.load(Ordering::SeqCst) {
                 return Err(CertificateError::Unavailable {
@@ -328,17 +310,10 @@ mod tests {
         for (wait, expected) in [(1, 3), (2, 4), (4, 5), (8, 6), (8, 7)] {
             tokio::time::advance(Duration::from_secs(wait)).await;
             settle().await;
-            assert_eq!(
-                ca.fetches.load(Ordering::SeqCst),
-                expected,
-                "after {wait}s more"
-            );
+            assert_eq!(ca.fetches.load(Ordering::SeqCst), expected, "after {wait}s more");
         }
         let still = manager.get(&id("x")).await.unwrap();
-        assert!(
-            Arc::ptr_eq(&first, &still),
-            "the old certificate serves while valid"
-        );
+        assert!(Arc::ptr_eq(&first, &still), "the old certificate serves while valid");
 
         // Past expiry with the CA still down: no certificate.
         tokio::time::advance(HOUR / 2).await;

@@ -13,6 +13,7 @@ use mesh_core::proto::workload::{Address, PortList, Service, TunnelProtocol, Wor
 use mesh_core::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 use mesh_core::xds::{Handler, Rejection, Update};
 use prost::Message;
+use tokio::sync::watch;
 
 /// An address within a network (the same IP may exist on two networks).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -48,21 +49,14 @@ impl State {
         let ips = workload
             .addresses
             .iter()
-            .map(|a| {
-                ip_from_bytes(a)
-                    .ok_or_else(|| format!("address of {} bytes is not IPv4 or IPv6", a.len()))
-            })
+            .map(|a| ip_from_bytes(a).ok_or_else(|| format!("address of {} bytes is not IPv4 or IPv6", a.len())))
             .collect::<Result<Vec<_>, _>>()?;
         TunnelProtocol::try_from(workload.tunnel_protocol)
             .map_err(|_| format!("unknown tunnel protocol {}", workload.tunnel_protocol))?;
         if let Some(key) = workload.services.keys().find(|k| !k.contains('/')) {
             return Err(format!("service key {key:?} is not namespace/hostname"));
         }
-        if workload
-            .waypoint
-            .as_ref()
-            .is_some_and(|w| w.destination.is_none())
-        {
+        if workload.waypoint.as_ref().is_some_and(|w| w.destination.is_none()) {
             return Err("waypoint without a destination".into());
         }
         self.remove_workload(&workload.uid);
@@ -81,8 +75,7 @@ impl State {
                 .or_default()
                 .insert(workload.uid.clone(), ports.clone());
         }
-        self.workloads
-            .insert(workload.uid.clone(), Arc::new(workload));
+        self.workloads.insert(workload.uid.clone(), Arc::new(workload));
         Ok(())
     }
 
@@ -92,20 +85,15 @@ impl State {
             .addresses
             .iter()
             .map(|a| {
-                let ip = ip_from_bytes(&a.address).ok_or_else(|| {
-                    format!("VIP of {} bytes is not IPv4 or IPv6", a.address.len())
-                })?;
+                let ip = ip_from_bytes(&a.address)
+                    .ok_or_else(|| format!("VIP of {} bytes is not IPv4 or IPv6", a.address.len()))?;
                 Ok(NetworkAddress {
                     network: a.network.clone(),
                     ip,
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
-        if service
-            .waypoint
-            .as_ref()
-            .is_some_and(|w| w.destination.is_none())
-        {
+        if service.waypoint.as_ref().is_some_and(|w| w.destination.is_none()) {
             return Err("waypoint without a destination".into());
         }
         let key = service_key(&service);
@@ -149,10 +137,8 @@ impl State {
     }
 
     pub fn insert_policy(&mut self, policy: Authorization) {
-        self.policies.insert(
-            format!("{}/{}", policy.namespace, policy.name),
-            Arc::new(policy),
-        );
+        self.policies
+            .insert(format!("{}/{}", policy.namespace, policy.name), Arc::new(policy));
     }
 
     pub fn remove_policy(&mut self, name: &str) {
@@ -176,10 +162,7 @@ impl State {
     }
 
     /// The workloads behind a service, with the ports each serves for it.
-    pub fn endpoints<'a>(
-        &'a self,
-        service: &Service,
-    ) -> impl Iterator<Item = (&'a Arc<Workload>, &'a PortList)> + 'a {
+    pub fn endpoints<'a>(&'a self, service: &Service) -> impl Iterator<Item = (&'a Arc<Workload>, &'a PortList)> + 'a {
         self.endpoints
             .get(&service_key(service))
             .into_iter()
@@ -188,19 +171,13 @@ impl State {
     }
 
     /// The policies that apply to a workload: global ones, its namespace's, and those it lists.
-    pub fn policies_for<'a>(
-        &'a self,
-        workload: &'a Workload,
-    ) -> impl Iterator<Item = &'a Arc<Authorization>> + 'a {
+    pub fn policies_for<'a>(&'a self, workload: &'a Workload) -> impl Iterator<Item = &'a Arc<Authorization>> + 'a {
         use mesh_core::proto::security::Scope;
-        let scoped = self
-            .policies
-            .values()
-            .filter(move |p| match Scope::try_from(p.scope) {
-                Ok(Scope::Global) => true,
-                Ok(Scope::Namespace) => p.namespace == workload.namespace,
-                _ => false,
-            });
+        let scoped = self.policies.values().filter(move |p| match Scope::try_from(p.scope) {
+            Ok(Scope::Global) => true,
+            Ok(Scope::Namespace) => p.namespace == workload.namespace,
+            _ => false,
+        });
         let listed = workload
             .authorization_policies
             .iter()
@@ -208,12 +185,20 @@ impl State {
         scoped.chain(listed)
     }
 
+    pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.workloads.values()
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
+        self.services.values()
+    }
+
+    pub fn policies(&self) -> impl Iterator<Item = &Arc<Authorization>> {
+        self.policies.values()
+    }
+
     pub fn counts(&self) -> (usize, usize, usize) {
-        (
-            self.workloads.len(),
-            self.services.len(),
-            self.policies.len(),
-        )
+        (self.workloads.len(), self.services.len(), self.policies.len())
     }
 }
 
@@ -221,18 +206,32 @@ pub fn service_key(service: &Service) -> String {
     format!("{}/{}", service.namespace, service.hostname)
 }
 
-/// Applies xDS responses to shared state.
-#[derive(Clone, Debug, Default)]
-pub struct StateHandler(pub Arc<RwLock<State>>);
+/// Applies xDS responses to shared state and tells watchers (the listener manager) it changed.
+#[derive(Clone, Debug)]
+pub struct StateHandler {
+    pub state: Arc<RwLock<State>>,
+    changed: watch::Sender<u64>,
+}
+
+impl StateHandler {
+    /// The handler, and a receiver whose value counts the responses applied.
+    pub fn new(state: Arc<RwLock<State>>) -> (Self, watch::Receiver<u64>) {
+        let (changed, receiver) = watch::channel(0);
+        (Self { state, changed }, receiver)
+    }
+}
 
 impl Handler for StateHandler {
-    fn apply(
-        &mut self,
-        type_url: &str,
-        updates: Vec<Update>,
-        removed: Vec<String>,
-    ) -> Vec<Rejection> {
-        let mut state = self.0.write().expect("not poisoned");
+    fn apply(&mut self, type_url: &str, updates: Vec<Update>, removed: Vec<String>) -> Vec<Rejection> {
+        let rejected = self.apply_to_state(type_url, updates, removed);
+        self.changed.send_modify(|generation| *generation += 1);
+        rejected
+    }
+}
+
+impl StateHandler {
+    fn apply_to_state(&mut self, type_url: &str, updates: Vec<Update>, removed: Vec<String>) -> Vec<Rejection> {
+        let mut state = self.state.write().expect("not poisoned");
         let mut rejected = Vec::new();
         let mut reject = |name: String, reason: String| rejected.push(Rejection { name, reason });
         match type_url {
@@ -248,9 +247,7 @@ impl Handler for StateHandler {
                         Ok(Address {
                             r#type: Some(address::Type::Service(s)),
                         }) => state.insert_service(s),
-                        Ok(Address { r#type: None }) => {
-                            Err("Address has neither workload nor service".into())
-                        }
+                        Ok(Address { r#type: None }) => Err("Address has neither workload nor service".into()),
                         Err(e) => Err(format!("undecodable Address: {e}")),
                     };
                     if let Err(reason) = result {
@@ -271,10 +268,7 @@ impl Handler for StateHandler {
             }
             other => {
                 for update in updates {
-                    reject(
-                        update.name,
-                        format!("type {other} is not one ztunnel subscribes to"),
-                    );
+                    reject(update.name, format!("type {other} is not one ztunnel subscribes to"));
                 }
             }
         }
@@ -356,10 +350,7 @@ mod tests {
         state.insert_service(service.clone()).unwrap();
         assert_eq!(state.workload_by_ip(&at("10.0.0.2")).unwrap().uid, "b");
         assert_eq!(state.service_by_vip(&at("10.96.0.1")).unwrap().name, "svc");
-        let endpoints: Vec<&str> = state
-            .endpoints(&service)
-            .map(|(w, _)| w.uid.as_str())
-            .collect();
+        let endpoints: Vec<&str> = state.endpoints(&service).map(|(w, _)| w.uid.as_str()).collect();
         assert_eq!(endpoints, ["a", "b"]);
 
         // A workload that moves address is found only at the new one.
@@ -378,7 +369,7 @@ mod tests {
 
     #[test]
     fn bad_resources_are_rejected_with_reasons_and_the_rest_applies() {
-        let mut handler = StateHandler::default();
+        let (mut handler, changes) = StateHandler::new(Arc::default());
         let good = Address {
             r#type: Some(address::Type::Workload(pod("good", "10.0.0.1", "demo/s"))),
         };
@@ -414,15 +405,11 @@ mod tests {
             update("empty", &Address { r#type: None }),
         ];
         let rejected = handler.apply(ADDRESS_TYPE_URL, updates, Vec::new());
-        let reasons: Vec<(String, String)> =
-            rejected.into_iter().map(|r| (r.name, r.reason)).collect();
+        let reasons: Vec<(String, String)> = rejected.into_iter().map(|r| (r.name, r.reason)).collect();
         assert_eq!(
             reasons,
             [
-                (
-                    "short".to_owned(),
-                    "address of 3 bytes is not IPv4 or IPv6".to_owned()
-                ),
+                ("short".to_owned(), "address of 3 bytes is not IPv4 or IPv6".to_owned()),
                 (
                     "unkeyed".to_owned(),
                     "service key \"nohostname\" is not namespace/hostname".to_owned()
@@ -434,7 +421,8 @@ mod tests {
                 ),
             ]
         );
-        let state = handler.0.read().unwrap();
+        assert_eq!(*changes.borrow(), 1, "watchers are told");
+        let state = handler.state.read().unwrap();
         assert_eq!(state.counts(), (1, 0, 0));
         assert!(state.workload("good").is_some());
     }

@@ -21,11 +21,7 @@ impl Drop for Running {
 
 fn http_get(address: SocketAddr, path: &str) -> (u16, String) {
     let mut stream = TcpStream::connect(address).unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n"
-    )
-    .unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n").unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
     (
@@ -53,16 +49,10 @@ fn help_explains_every_flag_and_its_variable() {
 
 #[test]
 fn bad_values_are_named() {
-    let output = Command::new(BIN)
-        .args(["--metrics-addr", "nowhere"])
-        .output()
-        .unwrap();
+    let output = Command::new(BIN).args(["--metrics-addr", "nowhere"]).output().unwrap();
     assert!(!output.status.success());
     let error = String::from_utf8(output.stderr).unwrap();
-    assert!(
-        error.contains("nowhere") && error.contains("--metrics-addr"),
-        "{error}"
-    );
+    assert!(error.contains("nowhere") && error.contains("--metrics-addr"), "{error}");
     let output = Command::new(BIN).env("LOG_FORMAT", "xml").output().unwrap();
     let error = String::from_utf8(output.stderr).unwrap();
     assert!(
@@ -93,10 +83,7 @@ fn serves_readiness_and_metrics_then_drains_on_sigterm() {
     let mut lines = BufReader::new(stdout).lines();
     let mut servers = HashMap::new();
     while servers.len() < 3 {
-        let line = lines
-            .next()
-            .expect("ztunnel exited before listening")
-            .unwrap();
+        let line = lines.next().expect("ztunnel exited before listening").unwrap();
         let event: serde_json::Value = serde_json::from_str(&line).unwrap();
         if event["message"] == "listening" {
             let address: SocketAddr = event["address"].as_str().unwrap().parse().unwrap();
@@ -110,28 +97,16 @@ fn serves_readiness_and_metrics_then_drains_on_sigterm() {
     let (status, metrics) = http_get(servers["metrics"], "/metrics");
     assert_eq!(status, 200);
     assert!(metrics.ends_with("# EOF\n"), "{metrics}");
-    assert_eq!(
-        http_get(servers["admin"], "/logging").1,
-        "log filter: info\n"
-    );
+    assert_eq!(http_get(servers["admin"], "/logging").1, "log filter: info\n");
 
     let pid = running.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
         if let Some(status) = running.0.try_wait().unwrap() {
             break status;
         }
-        assert!(
-            Instant::now() < deadline,
-            "ztunnel did not exit within 10s of SIGTERM"
-        );
+        assert!(Instant::now() < deadline, "ztunnel did not exit within 10s of SIGTERM");
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success(), "{status}");

@@ -25,15 +25,9 @@ pub enum CaFilesError {
         missing: Vec<&'static str>,
     },
     #[error("CA file {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("CA directory {dir}: {source}")]
-    Authority {
-        dir: PathBuf,
-        source: AuthorityError,
-    },
+    Authority { dir: PathBuf, source: AuthorityError },
 }
 
 /// How the authority came to be.
@@ -45,8 +39,7 @@ pub enum Origin {
 
 /// Loads the CA from `dir`, or creates a self-signed root for `trust_domain` and writes it there.
 pub fn load_or_create(dir: &Path, trust_domain: &str) -> Result<(Authority, Origin), CaFilesError> {
-    let (present, missing): (Vec<&str>, Vec<&str>) =
-        FILES.iter().partition(|f| dir.join(f).exists());
+    let (present, missing): (Vec<&str>, Vec<&str>) = FILES.iter().partition(|f| dir.join(f).exists());
     let authority_error = |source| CaFilesError::Authority {
         dir: dir.to_owned(),
         source,
@@ -62,10 +55,7 @@ pub fn load_or_create(dir: &Path, trust_domain: &str) -> Result<(Authority, Orig
             cert_chain: read(CERT_CHAIN)?,
             root_cert: read(ROOT_CERT)?,
         };
-        return Ok((
-            Authority::from_pem(pem).map_err(authority_error)?,
-            Origin::Loaded,
-        ));
+        return Ok((Authority::from_pem(pem).map_err(authority_error)?, Origin::Loaded));
     }
     if !present.is_empty() {
         return Err(CaFilesError::Incomplete {
@@ -91,8 +81,7 @@ pub fn load_or_create(dir: &Path, trust_domain: &str) -> Result<(Authority, Orig
             .mode(mode)
             .open(&path)
             .map_err(io_error(path.clone()))?;
-        file.write_all(contents.as_bytes())
-            .map_err(io_error(path.clone()))?;
+        file.write_all(contents.as_bytes()).map_err(io_error(path.clone()))?;
         file.set_permissions(std::fs::Permissions::from_mode(mode))
             .map_err(io_error(path))?;
     }
@@ -109,20 +98,14 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let (created, origin) = load_or_create(&dir, "cluster.local").unwrap();
         assert_eq!(origin, Origin::Created);
-        let key_mode = std::fs::metadata(dir.join(CA_KEY))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777;
+        let key_mode = std::fs::metadata(dir.join(CA_KEY)).unwrap().permissions().mode() & 0o777;
         assert_eq!(key_mode, 0o600);
         let (loaded, origin) = load_or_create(&dir, "cluster.local").unwrap();
         assert_eq!(origin, Origin::Loaded);
         assert_eq!(created.pem(), loaded.pem());
 
         std::fs::remove_file(dir.join(CERT_CHAIN)).unwrap();
-        let error = load_or_create(&dir, "cluster.local")
-            .unwrap_err()
-            .to_string();
+        let error = load_or_create(&dir, "cluster.local").unwrap_err().to_string();
         assert!(error.contains("lacks [\"cert-chain.pem\"]"), "{error}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -9,10 +9,7 @@ use aws_lc_rs::constant_time::verify_slices_are_equal;
 #[derive(Debug, thiserror::Error)]
 pub enum TokensError {
     #[error("node token directory {dir}: {source}")]
-    Io {
-        dir: PathBuf,
-        source: std::io::Error,
-    },
+    Io { dir: PathBuf, source: std::io::Error },
     #[error("node token file {path} is empty")]
     Empty { path: PathBuf },
 }
@@ -42,18 +39,11 @@ impl NodeTokens {
             if !path.is_file() {
                 continue;
             }
-            let token = std::fs::read_to_string(&path)
-                .map_err(io)?
-                .trim()
-                .to_owned();
+            let token = std::fs::read_to_string(&path).map_err(io)?.trim().to_owned();
             if token.is_empty() {
                 return Err(TokensError::Empty { path });
             }
-            let node = path
-                .file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .into_owned();
+            let node = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
             tokens.insert(node, token);
         }
         Ok(Self { tokens })

@@ -25,10 +25,7 @@ const SETTLE: Duration = Duration::from_millis(100);
 #[derive(Debug, thiserror::Error)]
 pub enum DocumentError {
     #[error("{file}: cannot read: {source}")]
-    Read {
-        file: PathBuf,
-        source: std::io::Error,
-    },
+    Read { file: PathBuf, source: std::io::Error },
     #[error("{file}: document {index}: invalid YAML: {message}")]
     Yaml {
         file: PathBuf,
@@ -97,9 +94,7 @@ impl Directory {
     }
 
     pub fn objects(&self) -> impl Iterator<Item = Object> + '_ {
-        self.files
-            .values()
-            .flat_map(|(_, objects)| objects.values().cloned())
+        self.files.values().flat_map(|(_, objects)| objects.values().cloned())
     }
 
     pub fn file_count(&self) -> usize {
@@ -164,11 +159,7 @@ pub struct Watching {
 
 /// Loads `dir` into `store` and starts watching it. Fails only when the directory itself cannot
 /// be watched or read; bad documents are reported and skipped.
-pub fn load(
-    dir: &Path,
-    store: Arc<Store>,
-    config_errors: Counter,
-) -> Result<Watching, std::io::Error> {
+pub fn load(dir: &Path, store: Arc<Store>, config_errors: Counter) -> Result<Watching, std::io::Error> {
     let (events, changes) = mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let _ = events.send(event);
@@ -206,11 +197,7 @@ impl Watching {
     }
 }
 
-fn apply(
-    directory: &mut Directory,
-    store: &Store,
-    config_errors: &Counter,
-) -> Result<(), std::io::Error> {
+fn apply(directory: &mut Directory, store: &Store, config_errors: &Counter) -> Result<(), std::io::Error> {
     let problems = directory.scan()?;
     for problem in &problems {
         config_errors.inc();
@@ -229,8 +216,7 @@ mod tests {
 
     impl TempDir {
         fn new(name: &str) -> Self {
-            let path =
-                std::env::temp_dir().join(format!("istiod-files-{name}-{}", std::process::id()));
+            let path = std::env::temp_dir().join(format!("istiod-files-{name}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&path);
             std::fs::create_dir_all(&path).unwrap();
             Self(path)
@@ -264,18 +250,12 @@ mod tests {
         );
         dir.write("notes.txt", "ignored: not yaml");
         let mut directory = Directory::new(&dir.0);
-        let problems: Vec<String> = directory
-            .scan()
-            .unwrap()
-            .iter()
-            .map(ToString::to_string)
-            .collect();
+        let problems: Vec<String> = directory.scan().unwrap().iter().map(ToString::to_string).collect();
         assert_eq!(names(&directory), ["Pod/demo/a", "Service/demo/s"]);
         assert_eq!(problems.len(), 2, "{problems:?}");
         assert!(problems[0].ends_with("demo.yaml: document 1: AuthorizationPolicy/demo/p: field spec.action: unknown variant `ALOW`, expected one of `ALLOW`, `DENY`, `AUDIT`, `CUSTOM`"), "{}", problems[0]);
         assert!(
-            problems[1]
-                .ends_with("demo.yaml: document 2: v1 Widget is not a kind istiod-lite reads"),
+            problems[1].ends_with("demo.yaml: document 2: v1 Widget is not a kind istiod-lite reads"),
             "{}",
             problems[1]
         );
@@ -284,10 +264,16 @@ mod tests {
     #[test]
     fn an_object_that_turns_bad_keeps_its_last_good_version() {
         let dir = TempDir::new("last-good");
-        dir.write("svc.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: demo}\nspec:\n  ports: [{port: 80}]\n");
+        dir.write(
+            "svc.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: demo}\nspec:\n  ports: [{port: 80}]\n",
+        );
         let mut directory = Directory::new(&dir.0);
         assert!(directory.scan().unwrap().is_empty());
-        dir.write("svc.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: demo}\nspec:\n  ports: [{port: eighty}]\n");
+        dir.write(
+            "svc.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: demo}\nspec:\n  ports: [{port: eighty}]\n",
+        );
         let problems = directory.scan().unwrap();
         assert_eq!(problems.len(), 1);
         assert!(
@@ -299,17 +285,17 @@ mod tests {
         let [Object::Service(service)] = objects.as_slice() else {
             panic!("{objects:?}")
         };
-        assert_eq!(
-            service.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port,
-            80
-        );
+        assert_eq!(service.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port, 80);
     }
 
     #[test]
     fn removed_files_take_their_objects_with_them() {
         let dir = TempDir::new("removed");
         dir.write("a.yaml", GOOD_POD);
-        dir.write("b.yml", "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}\n");
+        dir.write(
+            "b.yml",
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}\n",
+        );
         let mut directory = Directory::new(&dir.0);
         directory.scan().unwrap();
         assert_eq!(names(&directory), ["Pod/demo/a", "Namespace/demo"]);

@@ -17,8 +17,8 @@ use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use crate::objects::{
-    AuthorizationPolicy, Gateway, HTTPRoute, Namespace, Object, PeerAuthentication, Pod, Service,
-    ServiceEntry, WorkloadEntry,
+    AuthorizationPolicy, Gateway, HTTPRoute, Namespace, Object, PeerAuthentication, Pod, Service, ServiceEntry,
+    WorkloadEntry,
 };
 use crate::store::Store;
 
@@ -33,8 +33,7 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, kube::Error> {
     let Some(path) = kubeconfig else {
         return Client::try_default().await;
     };
-    let kubeconfig =
-        kube::config::Kubeconfig::read_from(path).map_err(kube::Error::InferKubeconfig)?;
+    let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(kube::Error::InferKubeconfig)?;
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
         .await
         .map_err(kube::Error::InferKubeconfig)?;
@@ -72,18 +71,8 @@ impl Readers {
                 .into_iter()
                 .map(Object::PeerAuthentication),
         );
-        objects.extend(
-            self.service_entries
-                .state()
-                .into_iter()
-                .map(Object::ServiceEntry),
-        );
-        objects.extend(
-            self.workload_entries
-                .state()
-                .into_iter()
-                .map(Object::WorkloadEntry),
-        );
+        objects.extend(self.service_entries.state().into_iter().map(Object::ServiceEntry));
+        objects.extend(self.workload_entries.state().into_iter().map(Object::WorkloadEntry));
         objects.extend(self.gateways.state().into_iter().map(Object::Gateway));
         objects.extend(self.http_routes.state().into_iter().map(Object::HTTPRoute));
         objects
@@ -126,10 +115,7 @@ impl Watches {
         K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
     {
         let (reader, writer) = reflector::store();
-        let events = reflector::reflector(
-            writer,
-            watcher(api, watcher::Config::default()).default_backoff(),
-        );
+        let events = reflector::reflector(writer, watcher(api, watcher::Config::default()).default_backoff());
         let changed = self.changed.clone();
         self.tasks.spawn(async move {
             let mut events = std::pin::pin!(events);

@@ -9,14 +9,10 @@ mod peer;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use mesh_core::proto::security::{
-    self, Action, Authorization, Clause, Match, Scope, StringMatch, string_match,
-};
+use mesh_core::proto::security::{self, Action, Authorization, Clause, Match, Scope, StringMatch, string_match};
 
 use super::{Mesh, Report, label, selector_matches};
-use crate::objects::istio::{
-    AuthorizationAction, AuthorizationPolicy, Condition, Operation, Rule, Source,
-};
+use crate::objects::istio::{AuthorizationAction, AuthorizationPolicy, Condition, Operation, Rule, Source};
 use crate::store::Objects;
 
 pub use peer::STATIC_STRICT_POLICY;
@@ -34,17 +30,12 @@ pub struct Policies {
 impl Policies {
     /// Keys (`ns/name`) of the selector policies that apply to a workload with `labels` in
     /// `namespace` (from its namespace or the root namespace), then its PeerAuthentication policy.
-    pub fn keys_for(
-        &self,
-        namespace: &str,
-        labels: Option<&BTreeMap<String, String>>,
-    ) -> Vec<String> {
+    pub fn keys_for(&self, namespace: &str, labels: Option<&BTreeMap<String, String>>) -> Vec<String> {
         let mut keys: Vec<String> = self
             .selectors
             .iter()
             .filter(|(ns, selector, _)| {
-                (ns == namespace || *ns == self.root_namespace)
-                    && selector_matches(selector, labels)
+                (ns == namespace || *ns == self.root_namespace) && selector_matches(selector, labels)
             })
             .map(|(_, _, key)| key.clone())
             .collect();
@@ -63,16 +54,9 @@ pub fn translate(objects: &Objects, mesh: &Mesh, reports: &mut Vec<Report>) -> P
     for policy in objects.authorization_policies() {
         if let Some(converted) = convert(policy, mesh, reports) {
             if converted.scope == Scope::WorkloadSelector as i32 {
-                let selector = policy
-                    .spec
-                    .selector
-                    .clone()
-                    .unwrap_or_default()
-                    .match_labels;
+                let selector = policy.spec.selector.clone().unwrap_or_default().match_labels;
                 let key = format!("{}/{}", converted.namespace, converted.name);
-                policies
-                    .selectors
-                    .push((converted.namespace.clone(), selector, key));
+                policies.selectors.push((converted.namespace.clone(), selector, key));
             }
             policies.resources.push(converted);
         }
@@ -83,11 +67,7 @@ pub fn translate(objects: &Objects, mesh: &Mesh, reports: &mut Vec<Report>) -> P
 }
 
 /// One AuthorizationPolicy for ztunnel, or `None` when it is not ztunnel's to enforce.
-pub fn convert(
-    policy: &AuthorizationPolicy,
-    mesh: &Mesh,
-    reports: &mut Vec<Report>,
-) -> Option<Authorization> {
+pub fn convert(policy: &AuthorizationPolicy, mesh: &Mesh, reports: &mut Vec<Report>) -> Option<Authorization> {
     let meta = &policy.metadata;
     let (namespace, name) = (
         meta.namespace.clone().unwrap_or_default(),
@@ -274,9 +254,7 @@ pub fn string_match(pattern: &str) -> StringMatch {
     } else {
         string_match::MatchType::Exact(pattern.to_owned())
     };
-    StringMatch {
-        match_type: Some(kind),
-    }
+    StringMatch { match_type: Some(kind) }
 }
 
 fn string_matches(patterns: &[String]) -> Vec<StringMatch> {
@@ -284,11 +262,7 @@ fn string_matches(patterns: &[String]) -> Vec<StringMatch> {
 }
 
 /// CIDRs or bare IPs; an invalid one cannot be enforced.
-fn addresses(
-    blocks: &[String],
-    field: &str,
-    unenforceable: &mut BTreeSet<String>,
-) -> Vec<security::Address> {
+fn addresses(blocks: &[String], field: &str, unenforceable: &mut BTreeSet<String>) -> Vec<security::Address> {
     let mut addresses = Vec::with_capacity(blocks.len());
     for block in blocks {
         match cidr(block) {

@@ -6,8 +6,7 @@ use std::net::IpAddr;
 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use mesh_core::proto::workload::{
-    IpFamilies, LoadBalancing, NetworkAddress, Port, PortList, Service, Workload, WorkloadStatus,
-    load_balancing,
+    IpFamilies, LoadBalancing, NetworkAddress, Port, PortList, Service, Workload, WorkloadStatus, load_balancing,
 };
 
 use super::waypoints::Waypoints;
@@ -42,10 +41,7 @@ pub fn from_kubernetes(
             .or_else(|| spec.cluster_ip.clone().map(|ip| vec![ip]))
             .unwrap_or_default();
         let mut addresses = Vec::new();
-        for ip in cluster_ips
-            .iter()
-            .filter(|ip| !ip.is_empty() && *ip != "None")
-        {
+        for ip in cluster_ips.iter().filter(|ip| !ip.is_empty() && *ip != "None") {
             match ip.parse::<IpAddr>() {
                 Ok(ip) => addresses.push(NetworkAddress {
                     network: mesh.network.clone(),
@@ -77,13 +73,7 @@ pub fn from_kubernetes(
             None
         } else {
             waypoints
-                .bound(
-                    objects,
-                    &namespace,
-                    service.metadata.labels.as_ref(),
-                    &object,
-                    reports,
-                )
+                .bound(objects, &namespace, service.metadata.labels.as_ref(), &object, reports)
                 .filter(|w| w.serves.serves_services())
                 .map(|w| w.address.clone())
         };
@@ -144,12 +134,7 @@ pub fn from_service_entries(
         let Some(addresses) = entry_addresses(entry, mesh, &object, reports) else {
             continue;
         };
-        let ports: Vec<Port> = entry
-            .spec
-            .ports
-            .iter()
-            .map(|p| entry_port(p, None))
-            .collect();
+        let ports: Vec<Port> = entry.spec.ports.iter().map(|p| entry_port(p, None)).collect();
         for host in &entry.spec.hosts {
             services.push(Service {
                 name: name.clone(),
@@ -237,7 +222,9 @@ fn entry_addresses(
             None => {
                 reports.push(Report {
                     object: object.to_owned(),
-                    message: format!("address {address:?} is not an IP or a single-address CIDR; the ServiceEntry is not applied"),
+                    message: format!(
+                        "address {address:?} is not an IP or a single-address CIDR; the ServiceEntry is not applied"
+                    ),
                 });
                 return None;
             }
@@ -247,10 +234,7 @@ fn entry_addresses(
 }
 
 /// A ServiceEntry port; an endpoint's `ports` map (by port name) overrides the target port.
-pub(crate) fn entry_port(
-    port: &ServiceEntryPort,
-    endpoint_ports: Option<&BTreeMap<String, u16>>,
-) -> Port {
+pub(crate) fn entry_port(port: &ServiceEntryPort, endpoint_ports: Option<&BTreeMap<String, u16>>) -> Port {
     let target = endpoint_ports
         .and_then(|ports| ports.get(&port.name))
         .copied()

@@ -5,9 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use mesh_core::proto::workload::{
-    GatewayAddress, NamespacedHostname, NetworkAddress, gateway_address,
-};
+use mesh_core::proto::workload::{GatewayAddress, NamespacedHostname, NetworkAddress, gateway_address};
 
 use super::{Mesh, Report, ip_bytes, label};
 use crate::store::Objects;
@@ -72,9 +70,8 @@ impl Waypoints {
             .map(|gateway| {
                 let namespace = gateway.metadata.namespace.clone().unwrap_or_default();
                 let name = gateway.metadata.name.clone().unwrap_or_default();
-                let serves =
-                    WaypointFor::parse(label(gateway.metadata.labels.as_ref(), WAYPOINT_FOR))
-                        .unwrap_or(WaypointFor::Service);
+                let serves = WaypointFor::parse(label(gateway.metadata.labels.as_ref(), WAYPOINT_FOR))
+                    .unwrap_or(WaypointFor::Service);
                 let status = gateway
                     .status
                     .as_ref()
@@ -93,9 +90,7 @@ impl Waypoints {
             .gateways()
             .filter(|g| g.spec.gateway_class_name == WAYPOINT_CLASS)
         {
-            if let Err(message) =
-                WaypointFor::parse(label(gateway.metadata.labels.as_ref(), WAYPOINT_FOR))
-            {
+            if let Err(message) = WaypointFor::parse(label(gateway.metadata.labels.as_ref(), WAYPOINT_FOR)) {
                 let meta = &gateway.metadata;
                 reports.push(Report {
                     object: format!(
@@ -140,9 +135,7 @@ impl Waypoints {
             return None;
         }
         let waypoint_namespace = label(labels, USE_WAYPOINT_NAMESPACE).unwrap_or(namespace);
-        let found = self
-            .by_name
-            .get(&(waypoint_namespace.to_owned(), name.to_owned()));
+        let found = self.by_name.get(&(waypoint_namespace.to_owned(), name.to_owned()));
         if found.is_none() {
             reports.push(Report {
                 object: source,
@@ -154,8 +147,7 @@ impl Waypoints {
 
     /// Whether a Service is a waypoint's own (such a service never goes through a waypoint).
     pub fn is_waypoint_service(&self, namespace: &str, name: &str) -> bool {
-        self.by_name
-            .contains_key(&(namespace.to_owned(), name.to_owned()))
+        self.by_name.contains_key(&(namespace.to_owned(), name.to_owned()))
     }
 }
 
@@ -183,8 +175,7 @@ fn address(
         }),
         _ => None,
     });
-    let destination = from_status
-        .unwrap_or_else(|| hostname(format!("{name}.{namespace}.svc.{}", mesh.domain_suffix)));
+    let destination = from_status.unwrap_or_else(|| hostname(format!("{name}.{namespace}.svc.{}", mesh.domain_suffix)));
     GatewayAddress {
         destination: Some(destination),
         hbone_mtls_port: HBONE_PORT,

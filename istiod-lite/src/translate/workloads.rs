@@ -7,9 +7,7 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use mesh_core::proto::workload::{
-    Port, PortList, TunnelProtocol, Workload, WorkloadStatus, WorkloadType,
-};
+use mesh_core::proto::workload::{Port, PortList, TunnelProtocol, Workload, WorkloadStatus, WorkloadType};
 
 use super::authorization::Policies;
 use super::services::{entry_port, hostname};
@@ -50,9 +48,7 @@ pub fn enrolled(objects: &Objects, pod: &Pod) -> bool {
         Some(mode) => mode == "ambient",
         None => {
             let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
-            let namespace_labels = objects
-                .namespace(namespace)
-                .and_then(|n| n.metadata.labels.as_ref());
+            let namespace_labels = objects.namespace(namespace).and_then(|n| n.metadata.labels.as_ref());
             label(namespace_labels, DATAPLANE_MODE) == Some("ambient")
         }
     }
@@ -68,18 +64,12 @@ pub fn from_pods(
     let mut workloads = Vec::new();
     for pod in objects.pods() {
         let status = pod.status.as_ref();
-        if matches!(
-            status.and_then(|s| s.phase.as_deref()),
-            Some("Succeeded" | "Failed")
-        ) {
+        if matches!(status.and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")) {
             continue;
         }
         let ips: Vec<&str> = match status.and_then(|s| s.pod_ips.as_ref()) {
             Some(ips) if !ips.is_empty() => ips.iter().map(|ip| ip.ip.as_str()).collect(),
-            _ => status
-                .and_then(|s| s.pod_ip.as_deref())
-                .into_iter()
-                .collect(),
+            _ => status.and_then(|s| s.pod_ip.as_deref()).into_iter().collect(),
         };
         let namespace = pod.metadata.namespace.clone().unwrap_or_default();
         let name = pod.metadata.name.clone().unwrap_or_default();
@@ -314,11 +304,7 @@ fn entry_services(
             .iter()
             .flatten()
             .filter_map(|p| {
-                let by_name = p
-                    .name
-                    .as_ref()
-                    .and_then(|n| ports.get(n))
-                    .map(|p| i32::from(*p));
+                let by_name = p.name.as_ref().and_then(|n| ports.get(n)).map(|p| i32::from(*p));
                 let target = by_name.or(match &p.target_port {
                     None => Some(p.port),
                     Some(IntOrString::Int(port)) => Some(*port),
@@ -337,12 +323,7 @@ fn entry_services(
             PortList { ports },
         );
     }
-    services.extend(selected_by_entries(
-        objects,
-        namespace,
-        Some(labels),
-        Some(ports),
-    ));
+    services.extend(selected_by_entries(objects, namespace, Some(labels), Some(ports)));
     services
 }
 
@@ -364,12 +345,7 @@ fn selected_by_entries(
         })
         .flat_map(|entry| {
             let ports = PortList {
-                ports: entry
-                    .spec
-                    .ports
-                    .iter()
-                    .map(|p| entry_port(p, endpoint_ports))
-                    .collect(),
+                ports: entry.spec.ports.iter().map(|p| entry_port(p, endpoint_ports)).collect(),
             };
             entry
                 .spec
@@ -407,15 +383,11 @@ fn workload_name(pod: &Pod) -> String {
 }
 
 fn canonical_name(labels: Option<&BTreeMap<String, String>>, workload_name: &str) -> String {
-    [
-        "service.istio.io/canonical-name",
-        "app.kubernetes.io/name",
-        "app",
-    ]
-    .iter()
-    .find_map(|key| label(labels, key))
-    .unwrap_or(workload_name)
-    .to_owned()
+    ["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"]
+        .iter()
+        .find_map(|key| label(labels, key))
+        .unwrap_or(workload_name)
+        .to_owned()
 }
 
 fn canonical_revision(labels: Option<&BTreeMap<String, String>>) -> String {

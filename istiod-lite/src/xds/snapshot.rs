@@ -22,10 +22,7 @@ impl Resource {
     pub fn new(type_url: &str, name: impl Into<String>, message: &impl Message) -> Self {
         let value = message.encode_to_vec();
         let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &value);
-        let version = digest.as_ref()[..8]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let version = digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect();
         Self {
             name: name.into(),
             version,

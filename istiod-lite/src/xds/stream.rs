@@ -3,9 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use mesh_core::proto::discovery::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource as ProtoResource,
-};
+use mesh_core::proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource as ProtoResource};
 use mesh_core::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 use tokio::sync::{mpsc, watch};
 use tonic::{Status, Streaming};
@@ -133,11 +131,7 @@ impl Client {
             subscription.sent = request.initial_resource_versions.clone();
         }
         let mut changed = new;
-        for name in request
-            .resource_names_subscribe
-            .iter()
-            .filter(|n| *n != "*")
-        {
+        for name in request.resource_names_subscribe.iter().filter(|n| *n != "*") {
             changed |= subscription.names.insert(name.clone());
         }
         for name in &request.resource_names_unsubscribe {
@@ -178,9 +172,7 @@ impl Client {
         let current = snapshot.resources(type_url).unwrap_or(&empty);
         let resources: Vec<ProtoResource> = current
             .values()
-            .filter(|r| {
-                subscription.wants(&r.name) && subscription.sent.get(&r.name) != Some(&r.version)
-            })
+            .filter(|r| subscription.wants(&r.name) && subscription.sent.get(&r.name) != Some(&r.version))
             .map(|r| ProtoResource {
                 name: r.name.clone(),
                 version: r.version.clone(),
@@ -227,9 +219,7 @@ impl Client {
         }
         self.metrics.pushes.get_or_create(&labels(type_url)).inc();
         if let Some(published) = snapshot.published {
-            self.metrics
-                .push_latency
-                .observe(published.elapsed().as_secs_f64());
+            self.metrics.push_latency.observe(published.elapsed().as_secs_f64());
         }
         true
     }

@@ -22,19 +22,13 @@ pub enum HboneError {
         source: std::io::Error,
     },
     #[error("TLS handshake from {peer}: {source}")]
-    Accept {
-        peer: SocketAddr,
-        source: std::io::Error,
-    },
+    Accept { peer: SocketAddr, source: std::io::Error },
     #[error("handshake with {address} timed out")]
     Timeout { address: SocketAddr },
     #[error("TLS configuration: {0}")]
     Tls(#[from] TlsError),
     #[error("HTTP/2 with {address}: {source}")]
-    H2 {
-        address: SocketAddr,
-        source: h2::Error,
-    },
+    H2 { address: SocketAddr, source: h2::Error },
     #[error("CONNECT {authority} via {address} answered {status}")]
     Status {
         address: SocketAddr,
@@ -42,8 +36,5 @@ pub enum HboneError {
         status: http::StatusCode,
     },
     #[error("invalid CONNECT request for {authority}: {source}")]
-    Request {
-        authority: SocketAddr,
-        source: http::Error,
-    },
+    Request { authority: SocketAddr, source: http::Error },
 }

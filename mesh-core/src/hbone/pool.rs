@@ -112,9 +112,7 @@ impl Drop for StreamGuard {
         let previous = self
             .0
             .streams
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n != CLOSED).then(|| n - 1)
-            });
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n != CLOSED).then(|| n - 1));
         if previous == Ok(1) {
             *self.0.idle_since.lock().expect("not poisoned") = Instant::now();
         }
@@ -143,11 +141,7 @@ impl Pool {
         authority: SocketAddr,
         headers: HeaderMap,
     ) -> Result<H2Stream, HboneError> {
-        debug_assert_eq!(
-            certificate.identity(),
-            &key.source,
-            "pool key and certificate disagree"
-        );
+        debug_assert_eq!(certificate.identity(), &key.source, "pool key and certificate disagree");
         if let Some((connection, guard)) = self.checkout(key) {
             match send_connect(&connection, guard, key.address, authority, headers.clone()).await {
                 // A pooled connection may have died since it was last used: try a fresh one.
@@ -162,11 +156,7 @@ impl Pool {
     /// How many open connections the pool holds (for tests and metrics).
     pub fn connection_count(&self) -> usize {
         let connections = self.inner.connections.lock().expect("not poisoned");
-        connections
-            .values()
-            .flatten()
-            .filter(|c| !c.state.is_closed())
-            .count()
+        connections.values().flatten().filter(|c| !c.state.is_closed()).count()
     }
 
     fn checkout(&self, key: &PoolKey) -> Option<(Connection, StreamGuard)> {
@@ -174,8 +164,7 @@ impl Pool {
         let list = connections.get_mut(key)?;
         list.retain(|c| !c.state.is_closed());
         let max = self.inner.config.max_streams_per_connection;
-        list.iter()
-            .find_map(|c| Some((c.clone(), c.state.try_reserve(max)?)))
+        list.iter().find_map(|c| Some((c.clone(), c.state.try_reserve(max)?)))
     }
 
     async fn checkout_or_dial(
@@ -214,17 +203,10 @@ impl Pool {
         Ok((connection, guard))
     }
 
-    async fn dial(
-        &self,
-        key: &PoolKey,
-        certificate: &WorkloadCertificate,
-    ) -> Result<Connection, HboneError> {
+    async fn dial(&self, key: &PoolKey, certificate: &WorkloadCertificate) -> Result<Connection, HboneError> {
         let address = key.address;
         let settings = self.inner.config.settings;
-        let tls_config = Arc::new(tls::client_config(
-            certificate,
-            vec![key.destination.clone()],
-        )?);
+        let tls_config = Arc::new(tls::client_config(certificate, vec![key.destination.clone()])?);
         let handshake = async {
             let tcp = TcpStream::connect(address)
                 .await
@@ -283,10 +265,7 @@ async fn drive(
     key: PoolKey,
     id: u64,
 ) {
-    let idle_timeout = pool
-        .upgrade()
-        .map(|p| p.config.idle_timeout)
-        .unwrap_or_default();
+    let idle_timeout = pool.upgrade().map(|p| p.config.idle_timeout).unwrap_or_default();
     tokio::pin!(connection);
     tokio::select! {
         result = &mut connection => {
@@ -359,11 +338,7 @@ async fn send_connect(
             status: response.status(),
         });
     }
-    Ok(H2Stream::new(
-        send,
-        response.into_body(),
-        Some(Box::new(guard)),
-    ))
+    Ok(H2Stream::new(send, response.into_body(), Some(Box::new(guard))))
 }
 
 /// Turns a failed client handshake into the most precise error: a wrong server identity names

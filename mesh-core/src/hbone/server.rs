@@ -139,12 +139,7 @@ impl<C: ServerCertificates> Connection<C> {
         }
     }
 
-    async fn run<H, F>(
-        self,
-        stream: TcpStream,
-        handler: Arc<H>,
-        drain: drain::Watch,
-    ) -> Result<(), HboneError>
+    async fn run<H, F>(self, stream: TcpStream, handler: Arc<H>, drain: drain::Watch) -> Result<(), HboneError>
     where
         H: Fn(InboundRequest) -> F + Send + Sync + 'static,
         F: Future<Output = ()> + Send + 'static,
@@ -153,14 +148,14 @@ impl<C: ServerCertificates> Connection<C> {
         let local = stream
             .local_addr()
             .map_err(|source| HboneError::Accept { peer, source })?;
-        let config =
-            self.certificates
-                .server_config(local)
-                .await
-                .map_err(|e| HboneError::Accept {
-                    peer,
-                    source: std::io::Error::other(e),
-                })?;
+        let config = self
+            .certificates
+            .server_config(local)
+            .await
+            .map_err(|e| HboneError::Accept {
+                peer,
+                source: std::io::Error::other(e),
+            })?;
         let handshake = async {
             let tls = tokio_rustls::TlsAcceptor::from(config)
                 .accept(transport(stream))
@@ -174,10 +169,7 @@ impl<C: ServerCertificates> Connection<C> {
                 .max_concurrent_streams(self.settings.max_concurrent_streams)
                 .handshake::<_, Bytes>(tls)
                 .await
-                .map_err(|source| HboneError::H2 {
-                    address: peer,
-                    source,
-                })?;
+                .map_err(|source| HboneError::H2 { address: peer, source })?;
             Ok::<_, HboneError>((peer_identity, h2))
         };
         let (peer_identity, mut h2) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
@@ -198,10 +190,7 @@ impl<C: ServerCertificates> Connection<C> {
                 }
             };
             let Some(next) = next else { break };
-            let (request, respond) = next.map_err(|source| HboneError::H2 {
-                address: peer,
-                source,
-            })?;
+            let (request, respond) = next.map_err(|source| HboneError::H2 { address: peer, source })?;
             if let Some(inbound) = self.inbound_request(request, respond, &peer_identity, local) {
                 tokio::spawn(handler(inbound).in_current_span());
             }
@@ -219,14 +208,7 @@ impl<C: ServerCertificates> Connection<C> {
         local: SocketAddr,
     ) -> Option<InboundRequest> {
         let authority = (request.method() == Method::CONNECT)
-            .then(|| {
-                request
-                    .uri()
-                    .authority()?
-                    .as_str()
-                    .parse::<SocketAddr>()
-                    .ok()
-            })
+            .then(|| request.uri().authority()?.as_str().parse::<SocketAddr>().ok())
             .flatten();
         let Some(authority) = authority else {
             debug!(method = %request.method(), uri = %request.uri(), "malformed HBONE request: want CONNECT to ip:port");

@@ -31,11 +31,7 @@ impl std::fmt::Debug for H2Stream {
 }
 
 impl H2Stream {
-    pub(crate) fn new(
-        send: SendStream<Bytes>,
-        recv: RecvStream,
-        guard: Option<Box<dyn Send + Sync>>,
-    ) -> Self {
+    pub(crate) fn new(send: SendStream<Bytes>, recv: RecvStream, guard: Option<Box<dyn Send + Sync>>) -> Self {
         Self {
             send,
             recv,
@@ -59,11 +55,7 @@ fn h2_to_io(error: h2::Error) -> io::Error {
 }
 
 impl AsyncRead for H2Stream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if this.pending.is_empty() {
             match ready!(this.recv.poll_data(cx)) {
@@ -88,11 +80,7 @@ impl AsyncRead for H2Stream {
 }
 
 impl AsyncWrite for H2Stream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls::RootCertStore;
 use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer};
@@ -20,10 +20,7 @@ pub enum AuthorityError {
     #[error("could not generate the CA key or certificate: {0}")]
     Generate(rcgen::Error),
     #[error("CA {what} is not usable: {source}")]
-    Load {
-        what: &'static str,
-        source: rcgen::Error,
-    },
+    Load { what: &'static str, source: rcgen::Error },
     #[error("CA certificates: {0}")]
     Certificates(#[from] CertificateError),
     #[error("certificate signing request is malformed or its signature is invalid: {0}")]
@@ -31,10 +28,7 @@ pub enum AuthorityError {
     #[error("certificate signing request uses {0:?}; only ECDSA P-256 is accepted")]
     CsrAlgorithm(String),
     #[error("could not sign the certificate for {identity}: {source}")]
-    Sign {
-        identity: String,
-        source: rcgen::Error,
-    },
+    Sign { identity: String, source: rcgen::Error },
 }
 
 /// The PEM files of a CA in Istio's `cacerts` layout.
@@ -67,13 +61,10 @@ const BACKDATE: Duration = Duration::from_secs(5 * 60);
 impl Authority {
     /// Creates a new self-signed root for `trust_domain`.
     pub fn self_signed(trust_domain: &str) -> Result<Self, AuthorityError> {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-            .map_err(AuthorityError::Generate)?;
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(AuthorityError::Generate)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, trust_domain);
+        params.distinguished_name.push(DnType::OrganizationName, trust_domain);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
@@ -99,16 +90,12 @@ impl Authority {
             what: "key (ca-key.pem)",
             source,
         })?;
-        let issuer =
-            Issuer::from_ca_cert_pem(&pem.ca_cert, key).map_err(|source| AuthorityError::Load {
-                what: "certificate (ca-cert.pem)",
-                source,
-            })?;
+        let issuer = Issuer::from_ca_cert_pem(&pem.ca_cert, key).map_err(|source| AuthorityError::Load {
+            what: "certificate (ca-cert.pem)",
+            source,
+        })?;
         let chain = parse_certificates("cert-chain.pem", &pem.cert_chain)?;
-        let roots = Arc::new(root_store(&parse_certificates(
-            "root-cert.pem",
-            &pem.root_cert,
-        )?)?);
+        let roots = Arc::new(root_store(&parse_certificates("root-cert.pem", &pem.root_cert)?)?);
         Ok(Self {
             issuer,
             pem,
@@ -134,8 +121,7 @@ impl Authority {
         identity: &SpiffeId,
         validity: Duration,
     ) -> Result<Vec<String>, AuthorityError> {
-        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
-            .map_err(AuthorityError::InvalidCsr)?;
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(AuthorityError::InvalidCsr)?;
         if csr.public_key.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256 {
             return Err(AuthorityError::CsrAlgorithm(format!(
                 "{:?}",
@@ -172,17 +158,13 @@ impl Authority {
         not_before: SystemTime,
         not_after: SystemTime,
     ) -> Result<WorkloadCertificate, AuthorityError> {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-            .map_err(AuthorityError::Generate)?;
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(AuthorityError::Generate)?;
         let mut params = workload_params(identity, not_before, not_after)?;
         for name in dns_names {
-            let name = name
-                .clone()
-                .try_into()
-                .map_err(|source| AuthorityError::Sign {
-                    identity: identity.to_string(),
-                    source,
-                })?;
+            let name = name.clone().try_into().map_err(|source| AuthorityError::Sign {
+                identity: identity.to_string(),
+                source,
+            })?;
             params.subject_alt_names.push(SanType::DnsName(name));
         }
         let cert = params
@@ -211,22 +193,13 @@ fn workload_params(
 ) -> Result<CertificateParams, AuthorityError> {
     let mut params = CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
-    let uri = identity
-        .to_string()
-        .try_into()
-        .map_err(|source| AuthorityError::Sign {
-            identity: identity.to_string(),
-            source,
-        })?;
+    let uri = identity.to_string().try_into().map_err(|source| AuthorityError::Sign {
+        identity: identity.to_string(),
+        source,
+    })?;
     params.subject_alt_names = vec![SanType::URI(uri)];
-    params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
     params.use_authority_key_identifier_extension = true;
     params.not_before = not_before.into();
     params.not_after = not_after.into();

@@ -59,17 +59,11 @@ impl Clone for WorkloadCertificate {
 
 impl WorkloadCertificate {
     /// Reads a bundle from PEM: the chain (leaf first), the PKCS#8 key and the roots.
-    pub fn from_pem(
-        chain_pem: &str,
-        key_pem: &str,
-        roots_pem: &str,
-    ) -> Result<Self, CertificateError> {
+    pub fn from_pem(chain_pem: &str, key_pem: &str, roots_pem: &str) -> Result<Self, CertificateError> {
         let chain = parse_certificates("certificate chain", chain_pem)?;
-        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|source| {
-            CertificateError::Pem {
-                what: "private key",
-                source,
-            }
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|source| CertificateError::Pem {
+            what: "private key",
+            source,
         })?;
         let roots = root_store(&parse_certificates("root certificates", roots_pem)?)?;
         Self::new(chain, key, Arc::new(roots))
@@ -81,9 +75,7 @@ impl WorkloadCertificate {
         key: PrivateKeyDer<'static>,
         roots: Arc<RootCertStore>,
     ) -> Result<Self, CertificateError> {
-        let leaf = chain
-            .first()
-            .ok_or(CertificateError::Empty("certificate chain"))?;
+        let leaf = chain.first().ok_or(CertificateError::Empty("certificate chain"))?;
         let info = LeafInfo::read(leaf)?;
         Ok(Self {
             identity: info.identity,
@@ -121,10 +113,7 @@ impl WorkloadCertificate {
 
     /// When this certificate should be renewed: halfway through its validity, as Istio does.
     pub fn refresh_at(&self) -> SystemTime {
-        let lifetime = self
-            .not_after
-            .duration_since(self.not_before)
-            .unwrap_or(Duration::ZERO);
+        let lifetime = self.not_after.duration_since(self.not_before).unwrap_or(Duration::ZERO);
         self.not_before + lifetime / 2
     }
 }
@@ -163,10 +152,7 @@ impl CertificateRequest {
 }
 
 /// Parses every certificate in a PEM text; an input with none is an error.
-pub fn parse_certificates(
-    what: &'static str,
-    pem: &str,
-) -> Result<Vec<CertificateDer<'static>>, CertificateError> {
+pub fn parse_certificates(what: &'static str, pem: &str) -> Result<Vec<CertificateDer<'static>>, CertificateError> {
     let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|source| CertificateError::Pem { what, source })?;
@@ -198,8 +184,7 @@ struct LeafInfo {
 
 impl LeafInfo {
     fn read(cert: &CertificateDer<'_>) -> Result<Self, CertificateError> {
-        let (_, cert) = x509_parser::parse_x509_certificate(cert)
-            .map_err(|e| CertificateError::X509(e.to_string()))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(cert).map_err(|e| CertificateError::X509(e.to_string()))?;
         let sans = cert
             .subject_alternative_name()
             .map_err(|e| CertificateError::X509(e.to_string()))?

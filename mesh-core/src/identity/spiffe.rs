@@ -26,9 +26,7 @@ pub enum SpiffeIdError {
     TrustDomain { id: String, trust_domain: String },
     #[error("SPIFFE ID {id:?}: path {path:?} must be /ns/<namespace>/sa/<service-account>")]
     Path { id: String, path: String },
-    #[error(
-        "SPIFFE ID {id:?}: {part} {value:?} is empty or holds characters outside [A-Za-z0-9._-]"
-    )]
+    #[error("SPIFFE ID {id:?}: {part} {value:?} is empty or holds characters outside [A-Za-z0-9._-]")]
     Segment {
         id: String,
         part: &'static str,
@@ -91,10 +89,7 @@ impl FromStr for SpiffeId {
                 path: format!("/{path}"),
             });
         };
-        for (part, value) in [
-            ("namespace", namespace),
-            ("service account", service_account),
-        ] {
+        for (part, value) in [("namespace", namespace), ("service account", service_account)] {
             if !is_valid_segment(value) {
                 return Err(SpiffeIdError::Segment {
                     id: s.to_owned(),
@@ -139,10 +134,7 @@ mod tests {
         assert_eq!(id.namespace(), "demo");
         assert_eq!(id.service_account(), "client");
         assert_eq!(id.to_string(), "spiffe://cluster.local/ns/demo/sa/client");
-        assert_eq!(
-            SpiffeId::new("cluster.local", "demo", "client").unwrap(),
-            id
-        );
+        assert_eq!(SpiffeId::new("cluster.local", "demo", "client").unwrap(), id);
     }
 
     #[test]
@@ -150,10 +142,7 @@ mod tests {
         let cases = [
             ("http://cluster.local/ns/a/sa/b", "must start with"),
             ("spiffe:///ns/a/sa/b", "empty trust domain"),
-            (
-                "spiffe://Cluster.Local/ns/a/sa/b",
-                "trust domain \"Cluster.Local\"",
-            ),
+            ("spiffe://Cluster.Local/ns/a/sa/b", "trust domain \"Cluster.Local\""),
             ("spiffe://td/ns/a", "path \"/ns/a\""),
             ("spiffe://td/namespace/a/sa/b", "path \"/namespace/a/sa/b\""),
             ("spiffe://td/ns//sa/b", "namespace \"\""),

@@ -9,8 +9,8 @@ use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
 use rustls::{
-    CertificateError, ClientConfig, CommonState, DigitallySignedStruct, OtherError, RootCertStore,
-    ServerConfig, SignatureScheme,
+    CertificateError, ClientConfig, CommonState, DigitallySignedStruct, OtherError, RootCertStore, ServerConfig,
+    SignatureScheme,
 };
 
 use super::certificate::identity_of;
@@ -22,10 +22,7 @@ pub const ALPN_H2: &[u8] = b"h2";
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("invalid certificate or key for {identity}: {source}")]
-    Certificate {
-        identity: String,
-        source: rustls::Error,
-    },
+    Certificate { identity: String, source: rustls::Error },
     #[error("client certificate verifier: {0}")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
     #[error("peer presented no certificate")]
@@ -43,10 +40,7 @@ pub struct IdentityMismatch {
 }
 
 fn display_list(ids: &[SpiffeId]) -> String {
-    ids.iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(" or ")
+    ids.iter().map(ToString::to_string).collect::<Vec<_>>().join(" or ")
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -57,8 +51,7 @@ fn provider() -> Arc<CryptoProvider> {
 pub fn server_config(cert: &WorkloadCertificate) -> Result<ServerConfig, TlsError> {
     let provider = provider();
     let client_verifier =
-        WebPkiClientVerifier::builder_with_provider(cert.roots().clone(), provider.clone())
-            .build()?;
+        WebPkiClientVerifier::builder_with_provider(cert.roots().clone(), provider.clone()).build()?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("aws-lc-rs supports TLS 1.3")
@@ -76,10 +69,7 @@ pub fn server_config(cert: &WorkloadCertificate) -> Result<ServerConfig, TlsErro
 
 /// Client side of HBONE: presents `cert`, accepts only a server chained to the mesh roots whose
 /// identity is one of `expected`.
-pub fn client_config(
-    cert: &WorkloadCertificate,
-    expected: Vec<SpiffeId>,
-) -> Result<ClientConfig, TlsError> {
+pub fn client_config(cert: &WorkloadCertificate, expected: Vec<SpiffeId>) -> Result<ClientConfig, TlsError> {
     let provider = provider();
     let verifier = Arc::new(IdentityVerifier {
         roots: cert.roots().clone(),
@@ -128,13 +118,7 @@ impl ServerCertVerifier for IdentityVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let parsed = ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            &self.roots,
-            intermediates,
-            now,
-            self.algorithms.all,
-        )?;
+        verify_server_cert_signed_by_trust_anchor(&parsed, &self.roots, intermediates, now, self.algorithms.all)?;
         let presented = identity_of(end_entity).map_err(other_error)?;
         if !self.expected.contains(&presented) {
             return Err(other_error(IdentityMismatch {
@@ -173,9 +157,7 @@ impl ServerCertVerifier for IdentityVerifier {
 /// The identity mismatch behind a failed client handshake, if that is why it failed.
 pub fn identity_mismatch(error: &std::io::Error) -> Option<IdentityMismatch> {
     match error.get_ref()?.downcast_ref::<rustls::Error>()? {
-        rustls::Error::InvalidCertificate(CertificateError::Other(other)) => {
-            other.0.downcast_ref().cloned()
-        }
+        rustls::Error::InvalidCertificate(CertificateError::Other(other)) => other.0.downcast_ref().cloned(),
         _ => None,
     }
 }

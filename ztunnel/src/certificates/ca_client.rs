@@ -32,9 +32,7 @@ impl CaClient {
         validity: Duration,
     ) -> Result<Self, CertificateError> {
         let token = token
-            .map(|t| {
-                MetadataValue::try_from(format!("Bearer {t}")).map_err(|_| CertificateError::Token)
-            })
+            .map(|t| MetadataValue::try_from(format!("Bearer {t}")).map_err(|_| CertificateError::Token))
             .transpose()?;
         Ok(Self {
             channel,

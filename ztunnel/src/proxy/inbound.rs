@@ -37,10 +37,7 @@ impl<S: CertificateSource> ServerCertificates for WorkloadCertificates<S> {
 pub async fn handle<S: CertificateSource>(context: Arc<Context<S>>, request: InboundRequest) {
     let target = request.authority;
     let source = request.peer_identity.clone();
-    let Some(workload) = context
-        .workload_at(target.ip())
-        .filter(|w| w.node == context.node)
-    else {
+    let Some(workload) = context.workload_at(target.ip()).filter(|w| w.node == context.node) else {
         warn!(%target, %source, "HBONE target is not a workload on this node");
         return request.reject(StatusCode::BAD_REQUEST);
     };
@@ -52,10 +49,7 @@ pub async fn handle<S: CertificateSource>(context: Arc<Context<S>>, request: Inb
     };
     let verdict = {
         let state = context.state.read().expect("not poisoned");
-        authorization::check(
-            state.policies_for(&workload).map(|p| p.as_ref()),
-            &connection,
-        )
+        authorization::check(state.policies_for(&workload).map(|p| p.as_ref()), &connection)
     };
     if let Err(denied) = verdict {
         info!(%target, %source, reason = %denied, "connection denied");

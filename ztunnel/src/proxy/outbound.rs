@@ -85,21 +85,13 @@ impl<S: CertificateSource> Outbound<S> {
             let port = u32::from(destination.port());
             let candidates: Vec<(&Arc<Workload>, u32)> = state
                 .endpoints(service)
-                .filter(|(w, _)| {
-                    w.status == WorkloadStatus::Healthy as i32 && !w.addresses.is_empty()
-                })
+                .filter(|(w, _)| w.status == WorkloadStatus::Healthy as i32 && !w.addresses.is_empty())
                 .filter_map(|(w, ports)| {
                     let target = ports
                         .ports
                         .iter()
                         .find(|p| p.service_port == port)
-                        .map(|p| {
-                            if p.target_port == 0 {
-                                port
-                            } else {
-                                p.target_port
-                            }
-                        })?;
+                        .map(|p| if p.target_port == 0 { port } else { p.target_port })?;
                     Some((w, target))
                 })
                 .collect();
@@ -112,8 +104,7 @@ impl<S: CertificateSource> Outbound<S> {
             // Spread load: round robin over the healthy endpoints.
             let (workload, target_port) =
                 candidates[self.next_endpoint.fetch_add(1, Ordering::Relaxed) % candidates.len()];
-            let ip =
-                crate::state::ip_from_bytes(&workload.addresses[0]).expect("validated on insert");
+            let ip = crate::state::ip_from_bytes(&workload.addresses[0]).expect("validated on insert");
             (
                 Some(workload.clone()),
                 SocketAddr::new(ip, u16::try_from(target_port).unwrap_or(destination.port())),
@@ -122,13 +113,11 @@ impl<S: CertificateSource> Outbound<S> {
             (state.workload_by_ip(&address).cloned(), destination)
         };
         Ok(match workload {
-            Some(workload) if workload.tunnel_protocol == TunnelProtocol::Hbone as i32 => {
-                Route::Hbone {
-                    gateway: SocketAddr::new(target.ip(), hbone::PORT),
-                    target,
-                    workload: workload.uid.clone(),
-                }
-            }
+            Some(workload) if workload.tunnel_protocol == TunnelProtocol::Hbone as i32 => Route::Hbone {
+                gateway: SocketAddr::new(target.ip(), hbone::PORT),
+                target,
+                workload: workload.uid.clone(),
+            },
             _ => Route::Direct { target },
         })
     }
@@ -153,13 +142,12 @@ impl<S: CertificateSource> Outbound<S> {
         info!(%source, %destination, ?route, "outbound");
         match route {
             Route::Direct { target } => {
-                let mut upstream =
-                    TcpStream::connect(target)
-                        .await
-                        .map_err(|source| OutboundError::Connect {
-                            address: target,
-                            source,
-                        })?;
+                let mut upstream = TcpStream::connect(target)
+                    .await
+                    .map_err(|source| OutboundError::Connect {
+                        address: target,
+                        source,
+                    })?;
                 let _ = upstream.set_nodelay(true);
                 Ok(tokio::io::copy_bidirectional(&mut client, &mut upstream)
                     .await
@@ -189,10 +177,7 @@ impl<S: CertificateSource> Outbound<S> {
                 if let Ok(forwarded) = format!("for={}", source.ip()).parse() {
                     headers.insert("forwarded", forwarded);
                 }
-                let mut tunnel = self
-                    .pool
-                    .connect(&key, &certificate, target, headers)
-                    .await?;
+                let mut tunnel = self.pool.connect(&key, &certificate, target, headers).await?;
                 Ok(tokio::io::copy_bidirectional(&mut client, &mut tunnel)
                     .await
                     .unwrap_or_default())

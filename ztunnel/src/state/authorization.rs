@@ -6,9 +6,7 @@
 use std::net::IpAddr;
 
 use mesh_core::identity::SpiffeId;
-use mesh_core::proto::security::{
-    Action, Address, Authorization, Clause, Match, StringMatch, string_match,
-};
+use mesh_core::proto::security::{Action, Address, Authorization, Clause, Match, StringMatch, string_match};
 
 /// What is known about a connection when it arrives.
 #[derive(Clone, Debug)]
@@ -40,10 +38,7 @@ pub fn check<'p>(
         let matched = matches_policy(policy, connection);
         if policy.action == Action::Deny as i32 {
             if matched {
-                return Err(Denied::Policy(format!(
-                    "{}/{}",
-                    policy.namespace, policy.name
-                )));
+                return Err(Denied::Policy(format!("{}/{}", policy.namespace, policy.name)));
             }
         } else {
             allowed |= matched;
@@ -58,11 +53,10 @@ pub fn check<'p>(
 }
 
 fn matches_policy(policy: &Authorization, connection: &Connection<'_>) -> bool {
-    policy.rules.iter().any(|rule| {
-        rule.clauses
-            .iter()
-            .all(|clause| matches_clause(clause, connection))
-    })
+    policy
+        .rules
+        .iter()
+        .any(|rule| rule.clauses.iter().all(|clause| matches_clause(clause, connection)))
 }
 
 /// A clause with no matches is true; empty matches are skipped, so a clause of only empty
@@ -94,11 +88,9 @@ fn matches_match(m: &Match, c: &Connection<'_>) -> bool {
     let ip_field = |blocks: &[Address], ip: IpAddr, negated: bool| {
         blocks.is_empty() || (blocks.iter().any(|b| contains(b, ip)) != negated)
     };
-    let port_field = |ports: &[u32], port: u16, negated: bool| {
-        ports.is_empty() || (ports.contains(&u32::from(port)) != negated)
-    };
-    let service_account = |accounts: &[mesh_core::proto::security::ServiceAccountMatch],
-                           negated: bool| {
+    let port_field =
+        |ports: &[u32], port: u16, negated: bool| ports.is_empty() || (ports.contains(&u32::from(port)) != negated);
+    let service_account = |accounts: &[mesh_core::proto::security::ServiceAccountMatch], negated: bool| {
         if accounts.is_empty() {
             return true;
         }
@@ -146,11 +138,7 @@ fn contains(block: &Address, ip: IpAddr) -> bool {
         (IpAddr::V6(n), IpAddr::V6(i)) => (u128::from(n), u128::from(i), block.length.min(128)),
         _ => return false,
     };
-    let mask = if bits == 0 {
-        0
-    } else {
-        u128::MAX << (128 - bits)
-    };
+    let mask = if bits == 0 { 0 } else { u128::MAX << (128 - bits) };
     network & mask == ip & mask
 }
 
@@ -171,10 +159,7 @@ mod tests {
             scope: Scope::Namespace as i32,
             action: action as i32,
             rules: vec![Rule {
-                clauses: clauses
-                    .into_iter()
-                    .map(|matches| Clause { matches })
-                    .collect(),
+                clauses: clauses.into_iter().map(|matches| Clause { matches }).collect(),
             }],
         }
     }
@@ -219,10 +204,7 @@ mod tests {
                 ..Default::default()
             }]],
         );
-        assert_eq!(
-            check([&allow_x], &connection(Some(&x), "10.0.0.1", 80)),
-            Ok(())
-        );
+        assert_eq!(check([&allow_x], &connection(Some(&x), "10.0.0.1", 80)), Ok(()));
         assert_eq!(
             check([&allow_x], &connection(Some(&y), "10.0.0.1", 80)),
             Err(Denied::NotAllowed(vec!["demo/allow-x".into()]))
@@ -251,17 +233,11 @@ mod tests {
             }]],
         );
         assert_eq!(
-            check(
-                [&allow_all, &deny_port],
-                &connection(Some(&x), "10.0.0.1", 80)
-            ),
+            check([&allow_all, &deny_port], &connection(Some(&x), "10.0.0.1", 80)),
             Ok(())
         );
         assert_eq!(
-            check(
-                [&allow_all, &deny_port],
-                &connection(Some(&x), "10.0.0.1", 9090)
-            ),
+            check([&allow_all, &deny_port], &connection(Some(&x), "10.0.0.1", 9090)),
             Err(Denied::Policy("demo/deny-9090".into()))
         );
     }
@@ -277,10 +253,7 @@ mod tests {
             }]],
         );
         let x = id("demo", "x");
-        assert_eq!(
-            check([&strict], &connection(Some(&x), "10.0.0.1", 80)),
-            Ok(())
-        );
+        assert_eq!(check([&strict], &connection(Some(&x), "10.0.0.1", 80)), Ok(()));
         assert_eq!(
             check([&strict], &connection(None, "10.0.0.1", 80)),
             Err(Denied::Policy("demo/strict".into()))
@@ -327,10 +300,7 @@ mod tests {
                 }],
             ],
         );
-        assert_eq!(
-            check([&allow], &connection(Some(&ours), "10.0.0.1", 80)),
-            Ok(())
-        );
+        assert_eq!(check([&allow], &connection(Some(&ours), "10.0.0.1", 80)), Ok(()));
         assert!(check([&allow], &connection(Some(&theirs), "10.0.0.1", 80)).is_err());
         assert_eq!(
             check([&allow], &connection(Some(&theirs), "192.168.4.4", 80)),

@@ -36,9 +36,7 @@ pub(super) struct PeerPolicies {
 impl PeerPolicies {
     pub(super) fn new(objects: &Objects, mesh: &Mesh) -> Self {
         let mut peers: Vec<Peer> = objects.peer_authentications().map(|pa| peer(pa)).collect();
-        peers.sort_by(|a, b| {
-            (a.created, &a.namespace, &a.name).cmp(&(b.created, &b.namespace, &b.name))
-        });
+        peers.sort_by(|a, b| (a.created, &a.namespace, &a.name).cmp(&(b.created, &b.namespace, &b.name)));
         Self {
             root_namespace: mesh.root_namespace.clone(),
             peers,
@@ -57,20 +55,13 @@ impl PeerPolicies {
             .find(|p| p.namespace == namespace && p.selector.is_none())
     }
 
-    fn workload_level(
-        &self,
-        namespace: &str,
-        labels: Option<&BTreeMap<String, String>>,
-    ) -> Option<&Peer> {
+    fn workload_level(&self, namespace: &str, labels: Option<&BTreeMap<String, String>>) -> Option<&Peer> {
         if namespace == self.root_namespace {
             return None;
         }
-        self.peers.iter().find(|p| {
-            p.namespace == namespace
-                && p.selector
-                    .as_ref()
-                    .is_some_and(|s| selector_matches(s, labels))
-        })
+        self.peers
+            .iter()
+            .find(|p| p.namespace == namespace && p.selector.as_ref().is_some_and(|s| selector_matches(s, labels)))
     }
 
     /// The mode a namespace's workloads inherit before any selector policy.
@@ -79,33 +70,28 @@ impl PeerPolicies {
             .into_iter()
             .flatten()
             .map(|p| p.mode)
-            .fold(MtlsMode::Permissive, |mode, next| {
-                if next == MtlsMode::Unset { mode } else { next }
-            })
+            .fold(
+                MtlsMode::Permissive,
+                |mode, next| {
+                    if next == MtlsMode::Unset { mode } else { next }
+                },
+            )
     }
 
     /// The policy key a workload lists, if its effective mode denies some plaintext.
-    pub(super) fn key_for(
-        &self,
-        namespace: &str,
-        labels: Option<&BTreeMap<String, String>>,
-    ) -> Option<String> {
+    pub(super) fn key_for(&self, namespace: &str, labels: Option<&BTreeMap<String, String>>) -> Option<String> {
         let inherited = self.inherited(namespace);
         let workload = self.workload_level(namespace, labels);
         if let Some(peer) = workload
             && port_level_rules(peer, inherited).is_some()
         {
-            return Some(format!(
-                "{}/{PORT_LEVEL_PREFIX}{}",
-                peer.namespace, peer.name
-            ));
+            return Some(format!("{}/{PORT_LEVEL_PREFIX}{}", peer.namespace, peer.name));
         }
         let mode = match workload.map(|p| p.mode) {
             Some(MtlsMode::Unset) | None => inherited,
             Some(mode) => mode,
         };
-        (mode == MtlsMode::Strict)
-            .then(|| format!("{}/{STATIC_STRICT_POLICY}", self.root_namespace))
+        (mode == MtlsMode::Strict).then(|| format!("{}/{STATIC_STRICT_POLICY}", self.root_namespace))
     }
 
     /// The static STRICT policy (when any PeerAuthentication exists) and the port-level policies.
@@ -198,9 +184,7 @@ fn port_level_rules(peer: &Peer, inherited: MtlsMode) -> Option<Vec<Rule>> {
                 Clause {
                     matches: vec![plaintext()],
                 },
-                Clause {
-                    matches: vec![exempt],
-                },
+                Clause { matches: vec![exempt] },
             ],
         }]);
     }
