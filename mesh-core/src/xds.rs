@@ -95,6 +95,11 @@ impl Server {
         })
     }
 
+    /// A channel that connects on first use (and reconnects after failures).
+    pub fn connect_lazy(&self) -> tonic::transport::Channel {
+        self.endpoint.connect_lazy()
+    }
+
     pub fn uri(&self) -> String {
         self.endpoint.uri().to_string()
     }

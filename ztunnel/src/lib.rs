@@ -1,28 +1,132 @@
-//! ztunnel: the node agent. So far it runs the shared lifecycle (admin, metrics, readiness,
-//! graceful drain); the data path (xDS state, HBONE inbound/outbound, redirection) follows.
+//! ztunnel: the node agent. xDS feeds [`state`]; [`certificates`] holds each local identity's
+//! certificate; [`listeners`] serves inbound HBONE for the workloads of this node; [`proxy`]
+//! carries connections both ways; [`socks5`] lets unredirected apps send outbound.
 
 pub mod certificates;
 pub mod config;
+pub mod config_dump;
+pub mod listeners;
 pub mod proxy;
+pub mod socks5;
 pub mod state;
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
-use mesh_core::admin::{Readiness, Routes};
+use anyhow::Context as _;
+use mesh_core::admin::{Readiness, Routes, text};
+use mesh_core::hbone::{Pool, PoolConfig};
 use mesh_core::lifecycle::{Lifecycle, Signals};
+use mesh_core::proto::envoy::config::core::v3::Node;
+use mesh_core::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 use mesh_core::telemetry::LogHandle;
+use mesh_core::xds;
 use prometheus_client::registry::Registry;
+use tracing::info;
 
 pub use config::Config;
 
+use crate::certificates::{CaClient, CertificateManager, Retry};
+use crate::proxy::Context;
+use crate::state::{State, StateHandler};
+
 /// Runs ztunnel until SIGTERM, SIGINT or `/quitquitquit`, then drains.
 pub async fn run(config: Arc<Config>, signals: Signals, log: LogHandle) -> anyhow::Result<()> {
+    let (xds_address, ca_address) = (
+        config.xds().map_err(anyhow::Error::msg)?,
+        config.ca().map_err(anyhow::Error::msg)?,
+    );
+    let root_pem = std::fs::read_to_string(&config.root_cert)
+        .with_context(|| format!("--root-cert {}", config.root_cert.display()))?;
+    let roots = mesh_core::identity::certificate::parse_certificates("--root-cert", &root_pem)?;
+    let roots = Arc::new(mesh_core::identity::certificate::root_store(&roots)?);
+    let token = match &config.token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("--token-file {}", path.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        None => None,
+    };
+
     let registry = Registry::default();
     let readiness = Readiness::new();
     let mut lifecycle = Lifecycle::new();
+    let state = Arc::new(RwLock::new(State::default()));
+    let (handler, changes) = StateHandler::new(state.clone());
+
+    let server_for = |address: &config::ServerAddress| -> anyhow::Result<xds::Server> {
+        Ok(if address.tls {
+            xds::Server::tls(&address.authority, &address.host, &root_pem, token.as_deref())?
+        } else {
+            xds::Server::plaintext(&address.authority)?
+        })
+    };
+    let node = Node {
+        id: format!("ztunnel~{}~{}", config.node_name, config.node_name),
+        cluster: "Kubernetes".into(),
+        metadata: Some(prost_types::Struct {
+            fields: [(
+                "NODE_NAME".to_owned(),
+                prost_types::Value {
+                    kind: Some(prost_types::value::Kind::StringValue(config.node_name.clone())),
+                },
+            )]
+            .into(),
+        }),
+        ..Default::default()
+    };
+    let client = xds::Client::new(
+        server_for(&xds_address)?,
+        node,
+        &[ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL],
+        xds::Backoff::default(),
+        handler,
+    );
+    lifecycle.spawn(client.run(Some(readiness.register("xds"))));
+
+    let ca_channel = server_for(&ca_address)?.connect_lazy();
+    let ca = CaClient::new(ca_channel, token.as_deref(), roots, config.cert_ttl)?;
+    let context = Arc::new(Context {
+        state,
+        certificates: CertificateManager::new(ca, Retry::default()),
+        node: config.node_name.clone(),
+        network: config.network.clone(),
+    });
+    lifecycle.spawn(listeners::manage(
+        context.clone(),
+        changes,
+        lifecycle.watch(),
+        Some(readiness.register("certificates")),
+    ));
+
+    if let Some(address) = config.socks5_addr {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("--socks5-addr {address}"))?;
+        info!(server = "socks5", address = %listener.local_addr()?, "listening");
+        let outbound = Arc::new(proxy::outbound::Outbound::new(
+            context.clone(),
+            Pool::new(PoolConfig::default()),
+        ));
+        lifecycle.spawn(socks5::serve(listener, outbound));
+    }
+
+    let dump_context = context.clone();
+    let admin = Routes::new().route("/config_dump", move |_| {
+        let body = serde_json::to_string_pretty(&config_dump::dump(&dump_context)).unwrap_or_default();
+        let mut response = text(http::StatusCode::OK, body + "\n");
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        response
+    });
     lifecycle
-        .serve_endpoints(&config.endpoints(), Routes::new(), log, registry, readiness)
+        .serve_endpoints(&config.endpoints(), admin, log, registry, readiness)
         .await?;
-    lifecycle.run(signals, config.drain_deadline).await;
+    info!(node = %config.node_name, xds = %config.xds_address, "ztunnel started");
+    lifecycle.run(signals, config.drain_deadline.max(Duration::ZERO)).await;
     Ok(())
 }

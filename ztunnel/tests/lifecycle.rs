@@ -49,11 +49,25 @@ fn help_explains_every_flag_and_its_variable() {
 
 #[test]
 fn bad_values_are_named() {
-    let output = Command::new(BIN).args(["--metrics-addr", "nowhere"]).output().unwrap();
+    let output = Command::new(BIN)
+        .args([
+            "--node-name",
+            "n",
+            "--root-cert",
+            "/dev/null",
+            "--metrics-addr",
+            "nowhere",
+        ])
+        .output()
+        .unwrap();
     assert!(!output.status.success());
     let error = String::from_utf8(output.stderr).unwrap();
     assert!(error.contains("nowhere") && error.contains("--metrics-addr"), "{error}");
-    let output = Command::new(BIN).env("LOG_FORMAT", "xml").output().unwrap();
+    let output = Command::new(BIN)
+        .args(["--node-name", "n", "--root-cert", "/dev/null"])
+        .env("LOG_FORMAT", "xml")
+        .output()
+        .unwrap();
     let error = String::from_utf8(output.stderr).unwrap();
     assert!(
         error.contains("log format \"xml\" is not one of: text, json"),
@@ -63,7 +77,19 @@ fn bad_values_are_named() {
 
 #[test]
 fn serves_readiness_and_metrics_then_drains_on_sigterm() {
+    // A root for the flag; no controller is listening, so ztunnel stays unready waiting for xDS.
+    let root = std::env::temp_dir().join(format!("ztunnel-lifecycle-root-{}.pem", std::process::id()));
+    let ca = mesh_core::identity::Authority::self_signed("cluster.local").unwrap();
+    std::fs::write(&root, &ca.pem().root_cert).unwrap();
     let mut child = Command::new(BIN)
+        .args([
+            "--node-name",
+            "node-1",
+            "--xds-address",
+            "http://127.0.0.1:9",
+            "--root-cert",
+        ])
+        .arg(&root)
         .args([
             "--admin-addr",
             "127.0.0.1:0",
@@ -90,9 +116,11 @@ fn serves_readiness_and_metrics_then_drains_on_sigterm() {
             servers.insert(event["server"].as_str().unwrap().to_owned(), address);
         }
     }
+    let _ = std::fs::remove_file(&root);
     assert_eq!(
         http_get(servers["readiness"], "/healthz/ready"),
-        (200, "ready\n".into())
+        (503, "not ready: waiting for certificates, xds\n".into()),
+        "not ready without a controller"
     );
     let (status, metrics) = http_get(servers["metrics"], "/metrics");
     assert_eq!(status, 200);
