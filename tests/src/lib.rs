@@ -50,3 +50,5 @@ impl Drop for Controller {
         }
     }
 }
+
+pub mod lab;

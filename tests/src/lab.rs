@@ -1,0 +1,179 @@
+//! A mesh in one process on loopback addresses: istiod-lite reading a directory of YAML, and a
+//! ztunnel per node, each serving the HBONE addresses of its pods and a SOCKS5 outbound listener.
+//! Node `n` uses 127.<base>.<n>.100 for its own endpoints; pods use 127.<base>.<n>.<1..99>.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use mesh_core::lifecycle::Signals;
+use mesh_core::telemetry::{LogArgs, LogFormat, LogHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::task::JoinHandle;
+
+/// The running lab; everything stops when it is dropped.
+#[derive(Debug)]
+pub struct Lab {
+    pub base: u8,
+    pub dir: PathBuf,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+fn quiet_log() -> LogHandle {
+    let args = LogArgs {
+        log_format: LogFormat::Text,
+        log_level: "warn".into(),
+    };
+    mesh_core::telemetry::subscriber(&args, std::io::sink).1
+}
+
+impl Lab {
+    /// Starts istiod-lite on `yaml` (written to `config/lab.yaml`) and a ztunnel per node name.
+    pub async fn start(base: u8, yaml: &str, nodes: &[&str]) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("mesh-lab-{base}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        for sub in ["config", "ca", "tokens"] {
+            std::fs::create_dir_all(dir.join(sub))?;
+        }
+        std::fs::write(dir.join("config/lab.yaml"), yaml)?;
+        for node in nodes {
+            std::fs::write(dir.join("tokens").join(node), format!("token-of-{node}\n"))?;
+        }
+        let mut lab = Self {
+            base,
+            dir,
+            tasks: Vec::new(),
+        };
+        let istiod = lab.istiod_address();
+        let config = istiod_lite::Config::try_parse_from([
+            "istiod-lite".to_owned(),
+            format!("--config-dir={}", lab.dir.join("config").display()),
+            format!("--ca-dir={}", lab.dir.join("ca").display()),
+            format!("--node-tokens-dir={}", lab.dir.join("tokens").display()),
+            format!("--xds-plaintext-addr={istiod}"),
+            format!("--xds-addr=127.{base}.0.1:15012"),
+            format!("--admin-addr=127.{base}.0.1:15000"),
+            format!("--metrics-addr=127.{base}.0.1:15014"),
+            format!("--readiness-addr=127.{base}.0.1:15021"),
+        ])?;
+        lab.tasks.push(tokio::spawn(async move {
+            let signals = Signals::install().expect("signals");
+            if let Err(error) = istiod_lite::run(Arc::new(config), signals, quiet_log()).await {
+                panic!("istiod-lite: {error:#}");
+            }
+        }));
+        lab.wait_ready(format!("127.{base}.0.1:15021").parse()?).await?;
+        for (index, node) in nodes.iter().enumerate() {
+            let host = lab.node_host(index + 1);
+            let config = ztunnel::Config::try_parse_from([
+                "ztunnel".to_owned(),
+                format!("--node-name={node}"),
+                format!("--xds-address=http://{istiod}"),
+                format!("--root-cert={}", lab.dir.join("ca/root-cert.pem").display()),
+                format!("--token-file={}", lab.dir.join("tokens").join(node).display()),
+                format!("--socks5-addr={host}:1080"),
+                format!("--admin-addr={host}:15000"),
+                format!("--metrics-addr={host}:15020"),
+                format!("--readiness-addr={host}:15021"),
+                "--drain-deadline=1s".to_owned(),
+            ])?;
+            lab.tasks.push(tokio::spawn(async move {
+                let signals = Signals::install().expect("signals");
+                if let Err(error) = ztunnel::run(Arc::new(config), signals, quiet_log()).await {
+                    panic!("ztunnel: {error:#}");
+                }
+            }));
+        }
+        for index in 1..=nodes.len() {
+            lab.wait_ready(format!("{}:15021", lab.node_host(index)).parse()?)
+                .await?;
+        }
+        Ok(lab)
+    }
+
+    pub fn istiod_address(&self) -> String {
+        format!("127.{}.0.1:15010", self.base)
+    }
+
+    /// The address node `index` (1-based) uses for its own listeners.
+    pub fn node_host(&self, index: usize) -> String {
+        format!("127.{}.{index}.100", self.base)
+    }
+
+    /// Replaces one file of the configuration (atomically, as tools do).
+    pub fn write_config(&self, name: &str, yaml: &str) -> anyhow::Result<()> {
+        let temporary = self.dir.join("config").join(format!(".{name}.tmp"));
+        std::fs::write(&temporary, yaml)?;
+        std::fs::rename(temporary, self.dir.join("config").join(name))?;
+        Ok(())
+    }
+
+    async fn wait_ready(&self, readiness: SocketAddr) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok((200, _)) = http_get(readiness, "/healthz/ready").await {
+                return Ok(());
+            }
+            anyhow::ensure!(Instant::now() < deadline, "{readiness} not ready within 20s");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Opens a connection from the pod at `pod_ip` to `destination`, through node `node`'s SOCKS5.
+    pub async fn connect(&self, node: usize, pod_ip: &str, destination: SocketAddr) -> anyhow::Result<TcpStream> {
+        let socket = TcpSocket::new_v4()?;
+        socket.bind(format!("{pod_ip}:0").parse()?)?;
+        let mut stream = socket
+            .connect(format!("{}:1080", self.node_host(node)).parse()?)
+            .await?;
+        stream.write_all(&[5, 1, 0]).await?;
+        let mut reply = [0u8; 2];
+        stream.read_exact(&mut reply).await?;
+        anyhow::ensure!(reply == [5, 0], "SOCKS5 greeting refused: {reply:?}");
+        let SocketAddr::V4(destination) = destination else {
+            anyhow::bail!("IPv4 only")
+        };
+        let mut request = vec![5, 1, 0, 1];
+        request.extend(destination.ip().octets());
+        request.extend(destination.port().to_be_bytes());
+        stream.write_all(&request).await?;
+        let mut reply = [0u8; 10];
+        stream.read_exact(&mut reply).await?;
+        anyhow::ensure!(reply[1] == 0, "SOCKS5 CONNECT refused with code {}", reply[1]);
+        Ok(stream)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A GET with `connection: close`: status and body.
+pub async fn http_get(address: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(address).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nhost: lab\r\nconnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let status = response.get(9..12).unwrap_or("0").parse()?;
+    Ok((
+        status,
+        response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default(),
+    ))
+}
