@@ -76,7 +76,9 @@ impl Client {
             let open = tokio::select! {
                 request = requests.message() => match request {
                     Ok(Some(request)) => {
-                        let snapshot = snapshots.borrow_and_update().clone();
+                        // Read without marking it seen: a change that arrived meanwhile must still
+                        // trigger a push, even when this request is only an ACK.
+                        let snapshot = snapshots.borrow().clone();
                         self.on_request(request, &snapshot).await
                     }
                     Ok(None) => false,
