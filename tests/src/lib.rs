@@ -52,3 +52,24 @@ impl Drop for Controller {
 }
 
 pub mod lab;
+
+/// A test app on `address` that greets with `name`, then echoes until the client half-closes.
+/// Returns the count of connections it accepted (to show that a denied client never reached it).
+pub async fn greeting_echo_app(address: &str, name: &'static str) -> Arc<std::sync::atomic::AtomicUsize> {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind(address).await.expect("bind the app");
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let _ = stream.write_all(name.as_bytes()).await;
+                let (mut read, mut write) = stream.split();
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+                let _ = write.shutdown().await;
+            });
+        }
+    });
+    accepted
+}

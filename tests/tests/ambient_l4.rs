@@ -3,13 +3,12 @@
 //! (certificates from the CA, state from xDS); a policy written to the directory takes effect.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use mesh_tests::greeting_echo_app;
 use mesh_tests::lab::{Lab, http_get};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
 fn demo(base: u8) -> String {
     let pod = |name: &str, node: &str, ip: &str, sa: &str, app: &str| {
@@ -27,25 +26,6 @@ fn demo(base: u8) -> String {
         "---\napiVersion: v1\nkind: Service\nmetadata: {{name: server, namespace: demo}}\nspec:\n  selector: {{app: server}}\n  clusterIP: 127.{base}.99.1\n  ports: [{{port: 80, targetPort: http}}]\n"
     );
     yaml
-}
-
-/// An app that greets with its name, then echoes; counts its connections.
-async fn app(address: String, name: &'static str) -> Arc<AtomicUsize> {
-    let listener = TcpListener::bind(address).await.unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            counter.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let _ = stream.write_all(name.as_bytes()).await;
-                let (mut read, mut write) = stream.split();
-                let _ = tokio::io::copy(&mut read, &mut write).await;
-                let _ = write.shutdown().await;
-            });
-        }
-    });
-    accepted
 }
 
 /// Sends `data`, half-closes, returns everything received until the far side closed.
@@ -67,8 +47,8 @@ async fn exchange(lab: &Lab, destination: SocketAddr, data: &[u8]) -> anyhow::Re
 async fn pods_and_services_across_nodes_over_hbone_and_a_policy_that_takes_effect() {
     let base = 61;
     let lab = Lab::start(base, &demo(base), &["node-1", "node-2"]).await.unwrap();
-    let one = app(format!("127.{base}.2.1:8080"), "one").await;
-    let _two = app(format!("127.{base}.2.2:8080"), "two").await;
+    let one = greeting_echo_app(&format!("127.{base}.2.1:8080"), "one").await;
+    let _two = greeting_echo_app(&format!("127.{base}.2.2:8080"), "two").await;
 
     // Pod to pod, data intact both ways with half-close.
     let data: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();

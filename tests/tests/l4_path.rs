@@ -12,6 +12,7 @@ use mesh_core::hbone::{Pool, PoolConfig, Server};
 use mesh_core::identity::{Authority, SpiffeId, WorkloadCertificate};
 use mesh_core::proto::security::{Action, Authorization, Clause, Match, Rule, Scope, StringMatch, string_match};
 use mesh_core::proto::workload::{NetworkAddress, Port, PortList, Service, TunnelProtocol, Workload, WorkloadStatus};
+use mesh_tests::greeting_echo_app;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use ztunnel::certificates::{CertificateError, CertificateManager, CertificateSource, Retry};
@@ -69,25 +70,6 @@ fn workload(uid: &str, address: &str, node: &str, sa: &str, hbone: bool, service
         services,
         ..Default::default()
     }
-}
-
-/// An app that greets with its name, then echoes; counts the connections it accepted.
-async fn app(address: &str, name: &'static str) -> Arc<AtomicUsize> {
-    let listener = TcpListener::bind(address).await.unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            counter.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let _ = stream.write_all(name.as_bytes()).await;
-                let (mut read, mut write) = stream.split();
-                let _ = tokio::io::copy(&mut read, &mut write).await;
-                let _ = write.shutdown().await;
-            });
-        }
-    });
-    accepted
 }
 
 struct Mesh {
@@ -152,9 +134,9 @@ async fn mesh(base: u8) -> Mesh {
         tokio::spawn(Server::new(inbound::WorkloadCertificates(node2.clone())).serve(listener, handler, watch));
     }
     let apps = vec![
-        app(&format!("{}:8080", addr(20, 1)), "one").await,
-        app(&format!("{}:8080", addr(20, 2)), "two").await,
-        app(&format!("{}:9000", addr(30, 1)), "legacy").await,
+        greeting_echo_app(&format!("{}:8080", addr(20, 1)), "one").await,
+        greeting_echo_app(&format!("{}:8080", addr(20, 2)), "two").await,
+        greeting_echo_app(&format!("{}:9000", addr(30, 1)), "legacy").await,
     ];
     Mesh {
         outbound: Outbound::new(node1, Pool::new(PoolConfig::default())),
