@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, ServicePort};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use mesh_core::proto::workload::{Port, PortList, TunnelProtocol, Workload, WorkloadStatus, WorkloadType};
 
@@ -223,22 +223,66 @@ fn parse_ips(ips: &[&str], object: &str, reports: &mut Vec<Report>) -> Vec<Vec<u
         })
         .collect()
 }
-
 /// The services selecting a pod, keyed `<ns>/<hostname>`, with target ports resolved against the
 /// pod's TCP container ports; a named port the pod lacks is left out for this pod.
 fn pod_services(objects: &Objects, mesh: &Mesh, pod: &Pod) -> BTreeMap<String, PortList> {
     let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
     let labels = pod.metadata.labels.as_ref();
+    let is_tcp = |protocol: Option<&str>| protocol.unwrap_or("TCP") == "TCP";
     let container_port = |name: &str| {
         pod.spec
             .iter()
             .flat_map(|s| &s.containers)
             .flat_map(|c| c.ports.iter().flatten())
             .find_map(|p| {
-                (p.name.as_deref() == Some(name) && p.protocol.as_deref().unwrap_or("TCP") == "TCP")
-                    .then_some(p.container_port)
+                (p.name.as_deref() == Some(name) && is_tcp(p.protocol.as_deref())).then_some(p.container_port)
             })
     };
+    let mut services = selecting_services(objects, mesh, namespace, labels, |port| {
+        if !is_tcp(port.protocol.as_deref()) {
+            return None;
+        }
+        match &port.target_port {
+            None => Some(port.port),
+            Some(IntOrString::Int(target)) => Some(*target),
+            Some(IntOrString::String(name)) => container_port(name),
+        }
+    });
+    services.extend(selected_by_entries(objects, namespace, labels, None));
+    services
+}
+
+/// Services of a WorkloadEntry: Kubernetes Services and ServiceEntries whose selector matches it;
+/// the entry's `ports` (by port name) override target ports.
+fn entry_services(
+    objects: &Objects,
+    mesh: &Mesh,
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+    ports: &BTreeMap<String, u16>,
+) -> BTreeMap<String, PortList> {
+    let by_name = |name: &str| ports.get(name).map(|p| i32::from(*p));
+    let mut services = selecting_services(objects, mesh, namespace, Some(labels), |port| {
+        port.name.as_deref().and_then(by_name).or(match &port.target_port {
+            None => Some(port.port),
+            Some(IntOrString::Int(target)) => Some(*target),
+            Some(IntOrString::String(name)) => by_name(name),
+        })
+    });
+    services.extend(selected_by_entries(objects, namespace, Some(labels), Some(ports)));
+    services
+}
+
+/// Kubernetes Services in `namespace` whose non-empty selector matches `labels`, keyed
+/// `<ns>/<hostname>`, each port's target from `target` (a port it returns `None` for is left out).
+/// ExternalName services are skipped: they are not translated, so a key to one would dangle.
+fn selecting_services(
+    objects: &Objects,
+    mesh: &Mesh,
+    namespace: &str,
+    labels: Option<&BTreeMap<String, String>>,
+    target: impl Fn(&ServicePort) -> Option<i32>,
+) -> BTreeMap<String, PortList> {
     let mut services = BTreeMap::new();
     for service in objects
         .services()
@@ -255,16 +299,10 @@ fn pod_services(objects: &Objects, mesh: &Mesh, pod: &Pod) -> BTreeMap<String, P
             .ports
             .iter()
             .flatten()
-            .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
-            .filter_map(|p| {
-                let target = match &p.target_port {
-                    None => p.port,
-                    Some(IntOrString::Int(port)) => *port,
-                    Some(IntOrString::String(name)) => container_port(name)?,
-                };
+            .filter_map(|port| {
                 Some(Port {
-                    service_port: u32::try_from(p.port).ok()?,
-                    target_port: u32::try_from(target).ok()?,
+                    service_port: u32::try_from(port.port).ok()?,
+                    target_port: u32::try_from(target(port)?).ok()?,
                     ..Default::default()
                 })
             })
@@ -275,55 +313,6 @@ fn pod_services(objects: &Objects, mesh: &Mesh, pod: &Pod) -> BTreeMap<String, P
             PortList { ports },
         );
     }
-    services.extend(selected_by_entries(objects, namespace, labels, None));
-    services
-}
-
-/// Services of a WorkloadEntry: Kubernetes Services and ServiceEntries whose selector matches it.
-fn entry_services(
-    objects: &Objects,
-    mesh: &Mesh,
-    namespace: &str,
-    labels: &BTreeMap<String, String>,
-    ports: &BTreeMap<String, u16>,
-) -> BTreeMap<String, PortList> {
-    let mut services = BTreeMap::new();
-    for service in objects
-        .services()
-        .filter(|s| s.metadata.namespace.as_deref() == Some(namespace))
-    {
-        let Some(spec) = &service.spec else { continue };
-        let Some(selector) = spec.selector.as_ref().filter(|s| !s.is_empty()) else {
-            continue;
-        };
-        if !selector_matches(selector, Some(labels)) {
-            continue;
-        }
-        let ports = spec
-            .ports
-            .iter()
-            .flatten()
-            .filter_map(|p| {
-                let by_name = p.name.as_ref().and_then(|n| ports.get(n)).map(|p| i32::from(*p));
-                let target = by_name.or(match &p.target_port {
-                    None => Some(p.port),
-                    Some(IntOrString::Int(port)) => Some(*port),
-                    Some(IntOrString::String(name)) => ports.get(name).map(|p| i32::from(*p)),
-                })?;
-                Some(Port {
-                    service_port: u32::try_from(p.port).ok()?,
-                    target_port: u32::try_from(target).ok()?,
-                    ..Default::default()
-                })
-            })
-            .collect();
-        let name = service.metadata.name.as_deref().unwrap_or_default();
-        services.insert(
-            format!("{namespace}/{}", hostname(name, namespace, mesh)),
-            PortList { ports },
-        );
-    }
-    services.extend(selected_by_entries(objects, namespace, Some(labels), Some(ports)));
     services
 }
 
