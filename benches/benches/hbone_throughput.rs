@@ -157,6 +157,7 @@ fn hbone_echo(bytes: u64, settings: H2Settings) -> anyhow::Result<Duration> {
             source: client_id,
             destination: server_id,
             address,
+            source_address: None,
         };
         let target: SocketAddr = "10.0.0.1:8080".parse()?;
         let stream = pool.connect(&key, &client_cert, target, http::HeaderMap::new()).await?;

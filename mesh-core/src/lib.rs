@@ -5,6 +5,7 @@ pub mod admin;
 pub mod hbone;
 pub mod identity;
 pub mod lifecycle;
+pub mod net;
 pub mod proto;
 pub mod telemetry;
 pub mod xds;

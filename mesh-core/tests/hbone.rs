@@ -40,6 +40,7 @@ impl Mesh {
             source: id("client"),
             destination: id(destination),
             address,
+            source_address: None,
         }
     }
 }

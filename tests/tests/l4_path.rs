@@ -116,12 +116,12 @@ async fn mesh(base: u8) -> Mesh {
             .unwrap();
     }
     let context = |node: &str| {
-        Arc::new(Context {
-            state: state.clone(),
-            certificates: CertificateManager::new(Direct(authority.clone()), Retry::default()),
-            node: node.into(),
-            network: String::new(),
-        })
+        Arc::new(Context::new(
+            state.clone(),
+            CertificateManager::new(Direct(authority.clone()), Retry::default()),
+            node,
+            "",
+        ))
     };
     let (node1, node2) = (context("node-1"), context("node-2"));
     let mut signals = Vec::new();
@@ -130,7 +130,7 @@ async fn mesh(base: u8) -> Mesh {
         let (signal, watch) = drain::channel();
         signals.push(signal);
         let context = node2.clone();
-        let handler = move |request| inbound::handle(context.clone(), request);
+        let handler = move |request| inbound::handle_hbone(context.clone(), request);
         tokio::spawn(Server::new(inbound::WorkloadCertificates(node2.clone())).serve(listener, handler, watch));
     }
     let apps = vec![

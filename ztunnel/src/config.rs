@@ -40,6 +40,10 @@ pub struct Config {
     /// SOCKS5 outbound listener (a local app names its destination instead of being redirected).
     #[arg(long, env = "ZTUNNEL_SOCKS5_ADDR")]
     pub socks5_addr: Option<SocketAddr>,
+    /// SO_MARK on ztunnel's own connections, so capture rules that skip this mark let them pass
+    /// (Istio uses 1337). Needs CAP_NET_ADMIN.
+    #[arg(long, env = "ZTUNNEL_SOCKET_MARK")]
+    pub socket_mark: Option<u32>,
     /// Admin server (/config_dump, /logging, /quitquitquit). Keep it on localhost.
     #[arg(long, env = "ZTUNNEL_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
     pub admin_addr: SocketAddr,

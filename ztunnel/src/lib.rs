@@ -17,6 +17,7 @@ use anyhow::Context as _;
 use mesh_core::admin::{Readiness, Routes, text};
 use mesh_core::hbone::{Pool, PoolConfig};
 use mesh_core::lifecycle::{Lifecycle, Signals};
+use mesh_core::net::Connector;
 use mesh_core::proto::envoy::config::core::v3::Node;
 use mesh_core::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 use mesh_core::telemetry::LogHandle;
@@ -28,6 +29,7 @@ pub use config::Config;
 
 use crate::certificates::{CaClient, CertificateManager, Retry};
 use crate::proxy::Context;
+use crate::proxy::metrics::TcpMetrics;
 use crate::state::{State, StateHandler};
 
 /// Runs ztunnel until SIGTERM, SIGINT or `/quitquitquit`, then drains.
@@ -50,7 +52,7 @@ pub async fn run(config: Arc<Config>, signals: Signals, log: LogHandle) -> anyho
         None => None,
     };
 
-    let registry = Registry::default();
+    let mut registry = Registry::default();
     let readiness = Readiness::new();
     let mut lifecycle = Lifecycle::new();
     let state = Arc::new(RwLock::new(State::default()));
@@ -88,14 +90,25 @@ pub async fn run(config: Arc<Config>, signals: Signals, log: LogHandle) -> anyho
 
     let ca_channel = server_for(&ca_address)?.connect_lazy();
     let ca = CaClient::new(ca_channel, token.as_deref(), roots, config.cert_ttl)?;
-    let context = Arc::new(Context {
+    let mut context = Context::new(
         state,
-        certificates: CertificateManager::new(ca, Retry::default()),
-        node: config.node_name.clone(),
-        network: config.network.clone(),
+        CertificateManager::new(ca, Retry::default()),
+        &config.node_name,
+        &config.network,
+    );
+    context.metrics = TcpMetrics::register(&mut registry);
+    context.connector = Connector {
+        mark: config.socket_mark,
+    };
+    let context = Arc::new(context);
+    let pool = Pool::new(PoolConfig {
+        connector: context.connector,
+        ..PoolConfig::default()
     });
+    let outbound = Arc::new(proxy::outbound::Outbound::new(context.clone(), pool));
     lifecycle.spawn(listeners::manage(
         context.clone(),
+        outbound.clone(),
         changes,
         lifecycle.watch(),
         Some(readiness.register("certificates")),
@@ -106,10 +119,6 @@ pub async fn run(config: Arc<Config>, signals: Signals, log: LogHandle) -> anyho
             .await
             .with_context(|| format!("--socks5-addr {address}"))?;
         info!(server = "socks5", address = %listener.local_addr()?, "listening");
-        let outbound = Arc::new(proxy::outbound::Outbound::new(
-            context.clone(),
-            Pool::new(PoolConfig::default()),
-        ));
         lifecycle.spawn(socks5::serve(listener, outbound));
     }
 

@@ -1,13 +1,18 @@
-//! The L4 data path: inbound HBONE (authorize, then connect to the app) and outbound (resolve the
-//! original destination, then HBONE, plain TCP or passthrough). Plain structs and async functions.
+//! The L4 data path: inbound (HBONE on 15008, plaintext on 15006: authorize, then connect to the
+//! app) and outbound (15001 or SOCKS5: resolve the original destination, then HBONE, plain TCP or
+//! passthrough). Plain structs and async functions; [`connection`] does the bookkeeping.
 
+pub mod connection;
+pub mod copy;
 pub mod inbound;
+pub mod metrics;
 pub mod outbound;
 
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 
 use mesh_core::identity::SpiffeId;
+use mesh_core::net::Connector;
 use mesh_core::proto::workload::Workload;
 
 use crate::certificates::CertificateManager;
@@ -21,9 +26,26 @@ pub struct Context<S> {
     /// This ztunnel's node: inbound serves only workloads scheduled here.
     pub node: String,
     pub network: String,
+    pub metrics: metrics::TcpMetrics,
+    /// Inbound connections open now, re-checked when policy changes.
+    pub connections: Arc<connection::OpenConnections>,
+    /// Opens connections to apps and peers (marked so capture rules skip them).
+    pub connector: Connector,
 }
 
 impl<S> Context<S> {
+    pub fn new(state: Arc<RwLock<State>>, certificates: Arc<CertificateManager<S>>, node: &str, network: &str) -> Self {
+        Self {
+            state,
+            certificates,
+            node: node.to_owned(),
+            network: network.to_owned(),
+            metrics: metrics::TcpMetrics::default(),
+            connections: Arc::default(),
+            connector: Connector::default(),
+        }
+    }
+
     /// The workload at `ip` on this ztunnel's network.
     pub fn workload_at(&self, ip: IpAddr) -> Option<Arc<Workload>> {
         let state = self.state.read().expect("not poisoned");
@@ -33,6 +55,17 @@ impl<S> Context<S> {
                 ip,
             })
             .cloned()
+    }
+
+    /// The workload at `ip` if it is scheduled on this node.
+    pub fn local_workload_at(&self, ip: IpAddr) -> Option<Arc<Workload>> {
+        self.workload_at(ip).filter(|w| w.node == self.node)
+    }
+
+    /// Closes the inbound connections that the current policies deny; how many it closed.
+    pub fn recheck_connections(&self) -> usize {
+        let state = self.state.read().expect("not poisoned");
+        self.connections.recheck(&state)
     }
 }
 

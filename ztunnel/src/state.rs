@@ -170,6 +170,21 @@ impl State {
             .filter_map(|(uid, ports)| Some((self.workloads.get(uid)?, ports)))
     }
 
+    /// A service `workload` serves on `port` (its target port), for metrics' destination_service.
+    pub fn service_serving(&self, workload: &Workload, port: u16) -> Option<&Arc<Service>> {
+        let port = u32::from(port);
+        workload
+            .services
+            .iter()
+            .find(|(_, ports)| {
+                ports
+                    .ports
+                    .iter()
+                    .any(|p| p.target_port == port || (p.target_port == 0 && p.service_port == port))
+            })
+            .and_then(|(key, _)| self.services.get(key))
+    }
+
     /// The policies that apply to a workload: global ones, its namespace's, and those it lists.
     pub fn policies_for<'a>(&'a self, workload: &'a Workload) -> impl Iterator<Item = &'a Arc<Authorization>> + 'a {
         use mesh_core::proto::security::Scope;

@@ -2,7 +2,7 @@
 //! {source identity, destination identity, destination address}, many CONNECT streams each.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -10,13 +10,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode};
 use rustls::pki_types::ServerName;
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::debug;
 
 use super::{H2Settings, H2Stream, HANDSHAKE_TIMEOUT, HboneError, Transport, transport};
 use crate::identity::{SpiffeId, WorkloadCertificate, tls};
+use crate::net::Connector;
 
 /// Which connections may carry a stream: same client identity, same expected server identity,
 /// same address.
@@ -25,6 +25,8 @@ pub struct PoolKey {
     pub source: SpiffeId,
     pub destination: SpiffeId,
     pub address: SocketAddr,
+    /// The address connections are made from (the source workload's), when it matters to the peer.
+    pub source_address: Option<IpAddr>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -34,6 +36,8 @@ pub struct PoolConfig {
     /// A connection with no stream for this long is closed.
     pub idle_timeout: Duration,
     pub settings: H2Settings,
+    /// Opens the TCP connections (marked when the capture rules need it).
+    pub connector: Connector,
 }
 
 impl Default for PoolConfig {
@@ -42,6 +46,7 @@ impl Default for PoolConfig {
             max_streams_per_connection: 100,
             idle_timeout: Duration::from_secs(30),
             settings: H2Settings::default(),
+            connector: Connector::default(),
         }
     }
 }
@@ -205,10 +210,11 @@ impl Pool {
 
     async fn dial(&self, key: &PoolKey, certificate: &WorkloadCertificate) -> Result<Connection, HboneError> {
         let address = key.address;
-        let settings = self.inner.config.settings;
+        let (settings, connector) = (self.inner.config.settings, self.inner.config.connector);
         let tls_config = Arc::new(tls::client_config(certificate, vec![key.destination.clone()])?);
         let handshake = async {
-            let tcp = TcpStream::connect(address)
+            let tcp = connector
+                .connect(address, key.source_address)
                 .await
                 .map_err(|source| HboneError::Connect { address, source })?;
             let tls = tokio_rustls::TlsConnector::from(tls_config)

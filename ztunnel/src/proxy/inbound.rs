@@ -1,17 +1,25 @@
-//! Inbound HBONE (15008): TLS with the destination workload's certificate (chosen by the address
-//! the connection arrived on), then per CONNECT: the target must be a workload of this node, L4
-//! authorization (401 when denied), a connection to the app (503 when it refuses), then bytes.
+//! Inbound: connections to this node's workloads. HBONE (15008) arrives in TLS with the
+//! destination workload's certificate (chosen by the address the connection arrived on) and names
+//! its target per CONNECT; plaintext (15006) is a redirected connection whose original destination
+//! is the target. Both then go through the same steps: the target must be a workload of this node,
+//! L4 authorization (a plaintext source has no identity, so STRICT mTLS denies it), a connection
+//! to the app, then bytes until either side ends or a policy change revokes the connection.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::StatusCode;
 use mesh_core::hbone::{InboundRequest, ServerCertificates};
-use mesh_core::identity::tls;
+use mesh_core::identity::{SpiffeId, tls};
+use mesh_core::proto::workload::Workload;
 use rustls::ServerConfig;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tracing::{info, warn};
+use tracing::{debug, warn};
 
+use super::connection::{Description, Endpoint};
+use super::copy::copy_bidirectional;
+use super::metrics::{Reporter, ResponseFlags, SecurityPolicy};
 use super::{Context, identity_of};
 use crate::certificates::CertificateSource;
 use crate::state::authorization::{self, Connection};
@@ -33,44 +41,126 @@ impl<S: CertificateSource> ServerCertificates for WorkloadCertificates<S> {
     }
 }
 
-/// Handles one CONNECT stream.
-pub async fn handle<S: CertificateSource>(context: Arc<Context<S>>, request: InboundRequest) {
+/// The client side of an inbound connection, before it is admitted.
+enum Client {
+    Hbone(InboundRequest),
+    Plaintext(TcpStream),
+}
+
+impl Client {
+    /// HBONE answers with a status; a plaintext connection is closed, which is all TCP can say.
+    fn refuse(self, status: StatusCode) {
+        match self {
+            Self::Hbone(request) => request.reject(status),
+            Self::Plaintext(stream) => drop(stream),
+        }
+    }
+}
+
+/// Handles one CONNECT stream (15008).
+pub async fn handle_hbone<S: CertificateSource>(context: Arc<Context<S>>, request: InboundRequest) {
     let target = request.authority;
-    let source = request.peer_identity.clone();
-    let Some(workload) = context.workload_at(target.ip()).filter(|w| w.node == context.node) else {
-        warn!(%target, %source, "HBONE target is not a workload on this node");
+    let Some(workload) = context.local_workload_at(target.ip()) else {
+        warn!(%target, source = %request.peer_identity, "HBONE target is not a workload on this node");
         return request.reject(StatusCode::BAD_REQUEST);
     };
+    let (peer, identity) = (request.peer_address, request.peer_identity.clone());
+    serve(context, Client::Hbone(request), peer, Some(identity), workload, target).await
+}
+
+/// Handles one redirected plaintext connection (15006) that was headed for `target`.
+pub async fn handle_plaintext<S: CertificateSource>(context: Arc<Context<S>>, stream: TcpStream, target: SocketAddr) {
+    let peer = match stream.peer_addr() {
+        Ok(peer) => peer,
+        Err(error) => return debug!(%error, "plaintext connection gone before it was served"),
+    };
+    let Some(workload) = context.local_workload_at(target.ip()) else {
+        return warn!(%target, source = %peer, "plaintext target is not a workload on this node; closing");
+    };
+    serve(context, Client::Plaintext(stream), peer, None, workload, target).await
+}
+
+async fn serve<S: CertificateSource>(
+    context: Arc<Context<S>>,
+    client: Client,
+    peer: SocketAddr,
+    peer_identity: Option<SpiffeId>,
+    workload: Arc<Workload>,
+    target: SocketAddr,
+) {
     let connection = Connection {
-        source_ip: request.peer_address.ip(),
-        source_identity: Some(&source),
+        source_ip: peer.ip(),
+        source_identity: peer_identity.as_ref(),
         destination_ip: target.ip(),
         destination_port: target.port(),
     };
-    let verdict = {
+    let (verdict, source_workload, service) = {
         let state = context.state.read().expect("not poisoned");
-        authorization::check(state.policies_for(&workload).map(|p| p.as_ref()), &connection)
+        let verdict = authorization::check(state.policies_for(&workload).map(|p| p.as_ref()), &connection);
+        let source_workload = state
+            .workload_by_ip(&crate::state::NetworkAddress {
+                network: context.network.clone(),
+                ip: peer.ip(),
+            })
+            .cloned();
+        (
+            verdict,
+            source_workload,
+            state.service_serving(&workload, target.port()).cloned(),
+        )
+    };
+    let description = Description {
+        reporter: Reporter::destination,
+        source: Endpoint {
+            address: peer,
+            workload: source_workload,
+            identity: peer_identity.clone(),
+        },
+        destination: Endpoint {
+            address: target,
+            identity: identity_of(&workload).ok(),
+            workload: Some(workload.clone()),
+        },
+        service,
+        security: match client {
+            Client::Hbone(_) => SecurityPolicy::MutualTls,
+            Client::Plaintext(_) => SecurityPolicy::Unknown,
+        },
     };
     if let Err(denied) = verdict {
-        info!(%target, %source, reason = %denied, "connection denied");
-        return request.reject(StatusCode::UNAUTHORIZED);
+        description.refused(&context.metrics, ResponseFlags::Denied, &format!("denied: {denied}"));
+        return client.refuse(StatusCode::UNAUTHORIZED);
     }
-    let app = match TcpStream::connect(target).await {
+    let mut app = match context.connector.connect(target, None).await {
         Ok(app) => app,
         Err(error) => {
-            warn!(%target, %source, %error, "app refused the connection");
-            return request.reject(StatusCode::SERVICE_UNAVAILABLE);
+            let reason = format!("app refused the connection: {error}");
+            description.refused(&context.metrics, ResponseFlags::ConnectFailure, &reason);
+            return client.refuse(StatusCode::SERVICE_UNAVAILABLE);
         }
     };
-    let _ = app.set_nodelay(true);
-    let Ok(mut tunnel) = request.accept() else {
-        return;
-    };
-    let mut app = app;
-    match tokio::io::copy_bidirectional(&mut tunnel, &mut app).await {
-        Ok((from_client, to_client)) => {
-            info!(%target, %source, from_client, to_client, "connection closed")
+    let registration = context.connections.register(&workload, &connection);
+    let accounting = description.open(&context.metrics);
+    let copied = async {
+        match client {
+            Client::Hbone(request) => {
+                let mut tunnel = request.accept().map_err(|e| std::io::Error::other(e.to_string()))?;
+                carry(&mut tunnel, &mut app, &accounting).await
+            }
+            Client::Plaintext(mut stream) => carry(&mut stream, &mut app, &accounting).await,
         }
-        Err(error) => info!(%target, %source, %error, "connection ended with an error"),
-    }
+    };
+    let outcome = tokio::select! {
+        copied = copied => copied.map_err(|error| error.to_string()),
+        () = registration.revoked() => Err("closed: a policy change denies it".to_owned()),
+    };
+    accounting.close(outcome);
+}
+
+async fn carry<C: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut C,
+    app: &mut TcpStream,
+    accounting: &super::connection::Accounting,
+) -> std::io::Result<super::copy::Transferred> {
+    copy_bidirectional(client, app, &accounting.received, &accounting.sent).await
 }

@@ -1,22 +1,28 @@
 //! Outbound: where a workload's connection really goes (its original destination) decides how it
-//! is carried: a service VIP picks a healthy endpoint (target port honoured); an HBONE workload is
-//! reached over HBONE on 15008 with the source's identity, verifying the destination's; a known
-//! non-mesh workload or an unknown address gets plain TCP.
+//! is carried:
+//! - a destination bound to a waypoint (the service, or the workload reached directly) goes over
+//!   HBONE to the waypoint, with `:authority` the original VIP:port;
+//! - a service VIP picks a healthy endpoint (target port honoured, round robin);
+//! - an HBONE workload is reached over HBONE on its 15008 with the source's identity, verifying
+//!   the destination's;
+//! - a known non-mesh workload or an unknown address gets plain TCP (passthrough).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use http::HeaderMap;
-use mesh_core::hbone::{self, Pool, PoolKey};
-use mesh_core::proto::workload::{TunnelProtocol, Workload, WorkloadStatus};
+use mesh_core::hbone::{self, HboneError, Pool, PoolKey};
+use mesh_core::proto::workload::{GatewayAddress, Service, TunnelProtocol, Workload, WorkloadStatus, gateway_address};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
-use tracing::{info, warn};
+use tracing::{debug, warn};
 
+use super::connection::{Description, Endpoint};
+use super::copy::{Transferred, copy_bidirectional};
+use super::metrics::{Reporter, ResponseFlags, SecurityPolicy, TcpMetrics};
 use super::{Context, identity_of};
 use crate::certificates::CertificateSource;
-use crate::state::NetworkAddress;
+use crate::state::{NetworkAddress, State, ip_from_bytes, service_key};
 
 /// Why an outbound connection could not be carried.
 #[derive(Debug, thiserror::Error)]
@@ -25,12 +31,14 @@ pub enum OutboundError {
     UnknownSource(IpAddr),
     #[error("no healthy endpoint for service {service}:{port}")]
     NoHealthyEndpoint { service: String, port: u16 },
+    #[error("waypoint {waypoint} of {destination} has no healthy endpoint")]
+    NoWaypoint { waypoint: String, destination: String },
     #[error("identity: {0}")]
     Identity(#[from] mesh_core::identity::SpiffeIdError),
     #[error("certificate: {0}")]
     Certificate(#[from] crate::certificates::CertificateError),
     #[error("{0}")]
-    Hbone(Box<hbone::HboneError>),
+    Hbone(Box<HboneError>),
     #[error("connect to {address}: {source}")]
     Connect {
         address: SocketAddr,
@@ -38,23 +46,29 @@ pub enum OutboundError {
     },
 }
 
-impl From<hbone::HboneError> for OutboundError {
-    fn from(error: hbone::HboneError) -> Self {
+impl From<HboneError> for OutboundError {
+    fn from(error: HboneError) -> Self {
         Self::Hbone(Box::new(error))
     }
 }
 
 /// Where a connection goes and how.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Route {
-    /// HBONE to `gateway` (the destination's 15008) for `target`, expecting `workload`'s identity.
+    /// HBONE to `gateway` (a 15008: the destination's, or its waypoint's) for `target`, expecting
+    /// the identity of `workload` (the one behind `gateway`).
     Hbone {
         gateway: SocketAddr,
         target: SocketAddr,
-        workload: String,
+        workload: Arc<Workload>,
+        service: Option<Arc<Service>>,
     },
     /// Plain TCP to `target` (a non-mesh workload, or an address nobody knows).
-    Direct { target: SocketAddr },
+    Direct {
+        target: SocketAddr,
+        workload: Option<Arc<Workload>>,
+        service: Option<Arc<Service>>,
+    },
 }
 
 /// Resolves and carries outbound connections.
@@ -63,6 +77,14 @@ pub struct Outbound<S> {
     context: Arc<Context<S>>,
     pool: Pool,
     next_endpoint: AtomicUsize,
+}
+
+fn healthy(workload: &Workload) -> bool {
+    workload.status == WorkloadStatus::Healthy as i32 && !workload.addresses.is_empty()
+}
+
+fn first_ip(workload: &Workload) -> IpAddr {
+    ip_from_bytes(&workload.addresses[0]).expect("validated on insert")
 }
 
 impl<S: CertificateSource> Outbound<S> {
@@ -74,25 +96,34 @@ impl<S: CertificateSource> Outbound<S> {
         }
     }
 
-    /// Where `destination` leads: service VIP → an endpoint; HBONE workload → its 15008; else direct.
-    pub fn route(&self, destination: SocketAddr) -> Result<Route, OutboundError> {
+    fn pick<T: Clone>(&self, candidates: &[T]) -> T {
+        candidates[self.next_endpoint.fetch_add(1, Ordering::Relaxed) % candidates.len()].clone()
+    }
+
+    /// Where a connection from `source` to `destination` leads.
+    pub fn route(&self, source: &Workload, destination: SocketAddr) -> Result<Route, OutboundError> {
         let state = self.context.state.read().expect("not poisoned");
         let address = NetworkAddress {
             network: self.context.network.clone(),
             ip: destination.ip(),
         };
-        let (workload, target) = if let Some(service) = state.service_by_vip(&address) {
+        if let Some(service) = state.service_by_vip(&address) {
+            if let Some(route) =
+                self.via_waypoint(&state, source, service.waypoint.as_ref(), destination, Some(service))?
+            {
+                return Ok(route);
+            }
             let port = u32::from(destination.port());
-            let candidates: Vec<(&Arc<Workload>, u32)> = state
+            let candidates: Vec<(Arc<Workload>, u32)> = state
                 .endpoints(service)
-                .filter(|(w, _)| w.status == WorkloadStatus::Healthy as i32 && !w.addresses.is_empty())
+                .filter(|(w, _)| healthy(w))
                 .filter_map(|(w, ports)| {
                     let target = ports
                         .ports
                         .iter()
                         .find(|p| p.service_port == port)
                         .map(|p| if p.target_port == 0 { port } else { p.target_port })?;
-                    Some((w, target))
+                    Some((w.clone(), target))
                 })
                 .collect();
             if candidates.is_empty() {
@@ -101,25 +132,93 @@ impl<S: CertificateSource> Outbound<S> {
                     port: destination.port(),
                 });
             }
-            // Spread load: round robin over the healthy endpoints.
-            let (workload, target_port) =
-                candidates[self.next_endpoint.fetch_add(1, Ordering::Relaxed) % candidates.len()];
-            let ip = crate::state::ip_from_bytes(&workload.addresses[0]).expect("validated on insert");
-            (
-                Some(workload.clone()),
-                SocketAddr::new(ip, u16::try_from(target_port).unwrap_or(destination.port())),
-            )
-        } else {
-            (state.workload_by_ip(&address).cloned(), destination)
+            let (workload, target_port) = self.pick(&candidates);
+            let target = SocketAddr::new(
+                first_ip(&workload),
+                u16::try_from(target_port).unwrap_or(destination.port()),
+            );
+            return Ok(direct_or_hbone(workload, target, Some(service.clone())));
+        }
+        match state.workload_by_ip(&address) {
+            Some(workload) => {
+                let waypoint = workload.waypoint.as_ref();
+                if let Some(route) = self.via_waypoint(&state, source, waypoint, destination, None)? {
+                    return Ok(route);
+                }
+                Ok(direct_or_hbone(workload.clone(), destination, None))
+            }
+            None => Ok(Route::Direct {
+                target: destination,
+                workload: None,
+                service: None,
+            }),
+        }
+    }
+
+    /// HBONE to a healthy instance of `waypoint`, unless there is none or the source is that
+    /// waypoint itself (its own traffic to the destination must not loop back to it).
+    fn via_waypoint(
+        &self,
+        state: &State,
+        source: &Workload,
+        waypoint: Option<&GatewayAddress>,
+        destination: SocketAddr,
+        service: Option<&Arc<Service>>,
+    ) -> Result<Option<Route>, OutboundError> {
+        let Some(waypoint) = waypoint else {
+            return Ok(None);
         };
-        Ok(match workload {
-            Some(workload) if workload.tunnel_protocol == TunnelProtocol::Hbone as i32 => Route::Hbone {
-                gateway: SocketAddr::new(target.ip(), hbone::PORT),
-                target,
-                workload: workload.uid.clone(),
-            },
-            _ => Route::Direct { target },
-        })
+        let port = u16::try_from(waypoint.hbone_mtls_port)
+            .ok()
+            .filter(|p| *p != 0)
+            .unwrap_or(hbone::PORT);
+        let (name, waypoint_service, instance) = match &waypoint.destination {
+            Some(gateway_address::Destination::Hostname(host)) => {
+                let key = format!("{}/{}", host.namespace, host.hostname);
+                (key.clone(), state.service(&key).cloned(), None)
+            }
+            Some(gateway_address::Destination::Address(address)) => {
+                let Some(ip) = ip_from_bytes(&address.address) else {
+                    return Ok(None);
+                };
+                let at = NetworkAddress {
+                    network: address.network.clone(),
+                    ip,
+                };
+                let service = state.service_by_vip(&at).cloned();
+                let instance = service.is_none().then(|| state.workload_by_ip(&at).cloned()).flatten();
+                (ip.to_string(), service, instance)
+            }
+            None => return Ok(None),
+        };
+        if let Some(service) = &waypoint_service
+            && source.services.contains_key(&service_key(service))
+        {
+            return Ok(None);
+        }
+        let instances: Vec<Arc<Workload>> = match (&waypoint_service, instance) {
+            (Some(service), _) => state
+                .endpoints(service)
+                .map(|(w, _)| w.clone())
+                .filter(|w| healthy(w))
+                .collect(),
+            (None, Some(workload)) => vec![workload].into_iter().filter(|w| healthy(w)).collect(),
+            (None, None) => Vec::new(),
+        };
+        let instances: Vec<Arc<Workload>> = instances.into_iter().filter(|w| w.uid != source.uid).collect();
+        if instances.is_empty() {
+            return Err(OutboundError::NoWaypoint {
+                waypoint: name,
+                destination: destination.to_string(),
+            });
+        }
+        let instance = self.pick(&instances);
+        Ok(Some(Route::Hbone {
+            gateway: SocketAddr::new(first_ip(&instance), port),
+            target: destination,
+            workload: instance,
+            service: service.cloned(),
+        }))
     }
 
     /// Carries one connection from the workload at `source` to `destination`.
@@ -128,7 +227,7 @@ impl<S: CertificateSource> Outbound<S> {
         mut client: C,
         source: SocketAddr,
         destination: SocketAddr,
-    ) -> Result<(u64, u64), OutboundError>
+    ) -> Result<Transferred, OutboundError>
     where
         C: AsyncRead + AsyncWrite + Unpin,
     {
@@ -137,51 +236,127 @@ impl<S: CertificateSource> Outbound<S> {
             .workload_at(source.ip())
             .ok_or(OutboundError::UnknownSource(source.ip()))?;
         let route = self
-            .route(destination)
+            .route(&source_workload, destination)
             .inspect_err(|error| warn!(%source, %destination, %error, "connection refused"))?;
-        info!(%source, %destination, ?route, "outbound");
+        debug!(%source, %destination, ?route, "outbound");
+        let source_identity = identity_of(&source_workload)?;
+        let (target, workload, service, secure) = match &route {
+            Route::Hbone {
+                target,
+                workload,
+                service,
+                ..
+            } => (*target, Some(workload.clone()), service.clone(), true),
+            Route::Direct {
+                target,
+                workload,
+                service,
+            } => (*target, workload.clone(), service.clone(), false),
+        };
+        let description = Description {
+            reporter: Reporter::source,
+            source: Endpoint {
+                address: source,
+                workload: Some(source_workload.clone()),
+                identity: Some(source_identity.clone()),
+            },
+            destination: Endpoint {
+                address: target,
+                identity: workload.as_deref().filter(|_| secure).and_then(|w| identity_of(w).ok()),
+                workload,
+            },
+            service,
+            security: if secure {
+                SecurityPolicy::MutualTls
+            } else {
+                SecurityPolicy::Unknown
+            },
+        };
+        let metrics = &self.context.metrics;
+        let refuse = |description: Description, error: OutboundError| {
+            let flags = match &error {
+                OutboundError::Hbone(e) if matches!(**e, HboneError::Status { status, .. } if status == http::StatusCode::UNAUTHORIZED) => {
+                    ResponseFlags::Denied
+                }
+                _ => ResponseFlags::ConnectFailure,
+            };
+            description.refused(metrics, flags, &error.to_string());
+            error
+        };
         match route {
-            Route::Direct { target } => {
-                let mut upstream = TcpStream::connect(target)
-                    .await
-                    .map_err(|source| OutboundError::Connect {
-                        address: target,
-                        source,
-                    })?;
-                let _ = upstream.set_nodelay(true);
-                Ok(tokio::io::copy_bidirectional(&mut client, &mut upstream)
-                    .await
-                    .unwrap_or_default())
+            Route::Direct { target, .. } => {
+                let mut upstream = match self.context.connector.connect(target, None).await {
+                    Ok(upstream) => upstream,
+                    Err(source) => {
+                        return Err(refuse(
+                            description,
+                            OutboundError::Connect {
+                                address: target,
+                                source,
+                            },
+                        ));
+                    }
+                };
+                Ok(carry(description, metrics, &mut client, &mut upstream).await)
             }
             Route::Hbone {
                 gateway,
                 target,
                 workload,
+                ..
             } => {
-                let destination_identity = {
-                    let state = self.context.state.read().expect("not poisoned");
-                    let workload = state
-                        .workload(&workload)
-                        .cloned()
-                        .ok_or_else(|| OutboundError::UnknownSource(target.ip()))?;
-                    identity_of(&workload)?
+                let tunnel = async {
+                    let certificate = self.context.certificates.get(&source_identity).await?;
+                    let key = PoolKey {
+                        source: source_identity.clone(),
+                        destination: identity_of(&workload)?,
+                        address: gateway,
+                        source_address: Some(source.ip()),
+                    };
+                    let mut headers = HeaderMap::new();
+                    if let Ok(forwarded) = format!("for={}", source.ip()).parse() {
+                        headers.insert("forwarded", forwarded);
+                    }
+                    Ok::<_, OutboundError>(self.pool.connect(&key, &certificate, target, headers).await?)
                 };
-                let source_identity = identity_of(&source_workload)?;
-                let certificate = self.context.certificates.get(&source_identity).await?;
-                let key = PoolKey {
-                    source: source_identity,
-                    destination: destination_identity,
-                    address: gateway,
+                let mut tunnel = match tunnel.await {
+                    Ok(tunnel) => tunnel,
+                    Err(error) => return Err(refuse(description, error)),
                 };
-                let mut headers = HeaderMap::new();
-                if let Ok(forwarded) = format!("for={}", source.ip()).parse() {
-                    headers.insert("forwarded", forwarded);
-                }
-                let mut tunnel = self.pool.connect(&key, &certificate, target, headers).await?;
-                Ok(tokio::io::copy_bidirectional(&mut client, &mut tunnel)
-                    .await
-                    .unwrap_or_default())
+                Ok(carry(description, metrics, &mut client, &mut tunnel).await)
             }
+        }
+    }
+}
+
+/// Copies between the client and the next hop with the connection counted and logged.
+async fn carry<C, U>(description: Description, metrics: &TcpMetrics, client: &mut C, upstream: &mut U) -> Transferred
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let accounting = description.open(metrics);
+    let outcome = copy_bidirectional(client, upstream, &accounting.received, &accounting.sent)
+        .await
+        .map_err(|e| e.to_string());
+    accounting.close(outcome.clone());
+    outcome.unwrap_or_default()
+}
+
+/// HBONE when the workload speaks it, else plain TCP.
+fn direct_or_hbone(workload: Arc<Workload>, target: SocketAddr, service: Option<Arc<Service>>) -> Route {
+    if workload.tunnel_protocol == TunnelProtocol::Hbone as i32 {
+        Route::Hbone {
+            gateway: SocketAddr::new(target.ip(), hbone::PORT),
+            target,
+            workload,
+            service,
+        }
+    } else {
+        Route::Direct {
+            target,
+            workload: Some(workload),
+            service,
         }
     }
 }
