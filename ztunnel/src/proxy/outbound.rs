@@ -319,7 +319,9 @@ impl<S: CertificateSource> Outbound<S> {
                     }
                     Ok::<_, OutboundError>(self.pool.connect(&key, &certificate, target, headers).await?)
                 };
-                let mut tunnel = match tunnel.await {
+                // Boxed: the handshake's state is large and only needed until the stream opens,
+                // while this future lives as long as the connection.
+                let mut tunnel = match Box::pin(tunnel).await {
                     Ok(tunnel) => tunnel,
                     Err(error) => return Err(refuse(description, error)),
                 };
