@@ -33,6 +33,16 @@ fn quiet_log() -> LogHandle {
 impl Lab {
     /// Starts istiod-lite on `yaml` (written to `config/lab.yaml`) and a ztunnel per node name.
     pub async fn start(base: u8, yaml: &str, nodes: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with(base, yaml, nodes, &[]).await
+    }
+
+    /// As [`Lab::start`], with ztunnel marking its own sockets with [`CAPTURE_MARK`] so that
+    /// [`Lab::capture`] rules skip them. Needs root (run it in [`crate::netns::isolated`]).
+    pub async fn start_for_capture(base: u8, yaml: &str, nodes: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with(base, yaml, nodes, &[format!("--socket-mark={CAPTURE_MARK}")]).await
+    }
+
+    async fn start_with(base: u8, yaml: &str, nodes: &[&str], ztunnel_args: &[String]) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!("mesh-lab-{base}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         for sub in ["config", "ca", "tokens"] {
@@ -79,7 +89,9 @@ impl Lab {
                 format!("--metrics-addr={host}:15020"),
                 format!("--readiness-addr={host}:15021"),
                 "--drain-deadline=1s".to_owned(),
-            ])?;
+            ]
+            .into_iter()
+            .chain(ztunnel_args.iter().cloned()))?;
             lab.tasks.push(tokio::spawn(async move {
                 let signals = Signals::install().expect("signals");
                 if let Err(error) = ztunnel::run(Arc::new(config), signals, quiet_log()).await {
@@ -146,6 +158,25 @@ impl Lab {
         Ok(stream)
     }
 
+    /// Captures the TCP traffic of `pods` (ambient pods on loopback) as the in-pod rules would:
+    /// their outbound connections go to their ztunnel's 15001 and connections to them (except
+    /// HBONE) to its 15006, both on the pod's own address. ztunnel's marked sockets pass.
+    pub fn capture(&self, pods: &[&str]) -> anyhow::Result<()> {
+        let mut rules = format!(
+            "table ip mesh_lab_capture {{\n  chain output {{\n    type nat hook output priority -100; policy accept;\n    meta mark {CAPTURE_MARK} return\n"
+        );
+        let skip = "tcp dport != { 15001, 15006, 15008 }";
+        for pod in pods {
+            rules += &format!("    ip saddr {pod} {skip} dnat to {pod}:15001\n");
+        }
+        for pod in pods {
+            rules += &format!("    ip daddr {pod} {skip} dnat to {pod}:15006\n");
+        }
+        rules += "  }\n}\n";
+        crate::netns::run("nft", &["-f", "-"], Some(&rules))?;
+        Ok(())
+    }
+
     pub fn path(&self) -> &Path {
         &self.dir
     }
@@ -157,6 +188,34 @@ impl Drop for Lab {
             task.abort();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The mark ztunnel puts on its own sockets in captured labs (Istio's).
+pub const CAPTURE_MARK: u32 = 1337;
+
+/// Connects from `pod_ip` straight to `destination`, as an app in that pod would.
+pub async fn connect_from(pod_ip: &str, destination: SocketAddr) -> anyhow::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(format!("{pod_ip}:0").parse()?)?;
+    Ok(socket.connect(destination).await?)
+}
+
+/// Sends `data`, half-closes, returns everything received until the far side closed (empty
+/// when the connection was refused).
+pub async fn exchange(mut stream: TcpStream, data: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let (mut read, mut write) = stream.split();
+    let send = async {
+        write.write_all(data).await?;
+        write.shutdown().await
+    };
+    let mut received = Vec::new();
+    // A refused connection may fail the writes; what was received tells.
+    let (_, got) = tokio::join!(send, read.read_to_end(&mut received));
+    match got {
+        Ok(_) => Ok(received),
+        Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => Ok(received),
+        Err(error) => Err(error.into()),
     }
 }
 

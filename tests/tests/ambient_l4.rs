@@ -7,8 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use mesh_tests::greeting_echo_app;
-use mesh_tests::lab::{Lab, http_get};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use mesh_tests::lab::{self, Lab, http_get};
 
 fn demo(base: u8) -> String {
     let pod = |name: &str, node: &str, ip: &str, sa: &str, app: &str| {
@@ -28,19 +27,9 @@ fn demo(base: u8) -> String {
     yaml
 }
 
-/// Sends `data`, half-closes, returns everything received until the far side closed.
 async fn exchange(lab: &Lab, destination: SocketAddr, data: &[u8]) -> anyhow::Result<Vec<u8>> {
-    let mut stream = lab.connect(1, &format!("127.{}.1.1", lab.base), destination).await?;
-    let (mut read, mut write) = stream.split();
-    let send = async {
-        write.write_all(data).await?;
-        write.shutdown().await
-    };
-    let mut received = Vec::new();
-    let (sent, got) = tokio::join!(send, read.read_to_end(&mut received));
-    let _ = sent;
-    got?;
-    Ok(received)
+    let stream = lab.connect(1, &format!("127.{}.1.1", lab.base), destination).await?;
+    lab::exchange(stream, data).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
