@@ -20,6 +20,10 @@ pub struct Lab {
     pub base: u8,
     pub dir: PathBuf,
     tasks: Vec<JoinHandle<()>>,
+    /// istiod-lite runs on a runtime of its own, so stopping it drops every connection at once,
+    /// as a crash would.
+    istiod: Option<tokio::runtime::Runtime>,
+    istiod_config: Option<Arc<istiod_lite::Config>>,
 }
 
 fn quiet_log() -> LogHandle {
@@ -42,7 +46,8 @@ impl Lab {
         Self::start_with(base, yaml, nodes, &[format!("--socket-mark={CAPTURE_MARK}")]).await
     }
 
-    async fn start_with(base: u8, yaml: &str, nodes: &[&str], ztunnel_args: &[String]) -> anyhow::Result<Self> {
+    /// As [`Lab::start`], with extra ztunnel flags.
+    pub async fn start_with(base: u8, yaml: &str, nodes: &[&str], ztunnel_args: &[String]) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!("mesh-lab-{base}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         for sub in ["config", "ca", "tokens"] {
@@ -56,6 +61,8 @@ impl Lab {
             base,
             dir,
             tasks: Vec::new(),
+            istiod: None,
+            istiod_config: None,
         };
         let istiod = lab.istiod_address();
         let config = istiod_lite::Config::try_parse_from([
@@ -69,29 +76,26 @@ impl Lab {
             format!("--metrics-addr=127.{base}.0.1:15014"),
             format!("--readiness-addr=127.{base}.0.1:15021"),
         ])?;
-        lab.tasks.push(tokio::spawn(async move {
-            let signals = Signals::install().expect("signals");
-            if let Err(error) = istiod_lite::run(Arc::new(config), signals, quiet_log()).await {
-                panic!("istiod-lite: {error:#}");
-            }
-        }));
-        lab.wait_ready(format!("127.{base}.0.1:15021").parse()?).await?;
+        lab.istiod_config = Some(Arc::new(config));
+        lab.start_istiod().await?;
         for (index, node) in nodes.iter().enumerate() {
             let host = lab.node_host(index + 1);
-            let config = ztunnel::Config::try_parse_from([
-                "ztunnel".to_owned(),
-                format!("--node-name={node}"),
-                format!("--xds-address=http://{istiod}"),
-                format!("--root-cert={}", lab.dir.join("ca/root-cert.pem").display()),
-                format!("--token-file={}", lab.dir.join("tokens").join(node).display()),
-                format!("--socks5-addr={host}:1080"),
-                format!("--admin-addr={host}:15000"),
-                format!("--metrics-addr={host}:15020"),
-                format!("--readiness-addr={host}:15021"),
-                "--drain-deadline=1s".to_owned(),
-            ]
-            .into_iter()
-            .chain(ztunnel_args.iter().cloned()))?;
+            let config = ztunnel::Config::try_parse_from(
+                [
+                    "ztunnel".to_owned(),
+                    format!("--node-name={node}"),
+                    format!("--xds-address=http://{istiod}"),
+                    format!("--root-cert={}", lab.dir.join("ca/root-cert.pem").display()),
+                    format!("--token-file={}", lab.dir.join("tokens").join(node).display()),
+                    format!("--socks5-addr={host}:1080"),
+                    format!("--admin-addr={host}:15000"),
+                    format!("--metrics-addr={host}:15020"),
+                    format!("--readiness-addr={host}:15021"),
+                    "--drain-deadline=1s".to_owned(),
+                ]
+                .into_iter()
+                .chain(ztunnel_args.iter().cloned()),
+            )?;
             lab.tasks.push(tokio::spawn(async move {
                 let signals = Signals::install().expect("signals");
                 if let Err(error) = ztunnel::run(Arc::new(config), signals, quiet_log()).await {
@@ -104,6 +108,38 @@ impl Lab {
                 .await?;
         }
         Ok(lab)
+    }
+
+    /// Starts (or restarts) istiod-lite and waits until it is ready. The CA directory keeps the
+    /// root, so a restarted controller signs for the same mesh.
+    pub async fn start_istiod(&mut self) -> anyhow::Result<()> {
+        let config = self.istiod_config.clone().expect("set by start");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let readiness: SocketAddr = format!("127.{}.0.1:15021", self.base).parse()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        runtime.spawn(async move {
+            // The previous instance's sockets may take a moment to go: retry binding.
+            loop {
+                let signals = Signals::install().expect("signals");
+                match istiod_lite::run(config.clone(), signals, quiet_log()).await {
+                    Ok(()) => return,
+                    Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+                    Err(error) => panic!("istiod-lite: {error:#}"),
+                }
+            }
+        });
+        self.istiod = Some(runtime);
+        self.wait_ready(readiness).await
+    }
+
+    /// Stops istiod-lite at once: its connections drop, ztunnels keep their last state.
+    pub fn stop_istiod(&mut self) {
+        if let Some(runtime) = self.istiod.take() {
+            runtime.shutdown_background();
+        }
     }
 
     pub fn istiod_address(&self) -> String {
@@ -184,11 +220,35 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        self.stop_istiod();
         for task in &self.tasks {
             task.abort();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A ready pod manifest whose app label and service account are both `app`, serving 8080 as `http`.
+pub fn pod_yaml(name: &str, namespace: &str, node: &str, ip: &str, app: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {namespace}, labels: {{app: {app}}}}}\nspec:\n  serviceAccountName: {app}\n  nodeName: {node}\n  containers: [{{name: app, image: app, ports: [{{name: http, containerPort: 8080}}]}}]\nstatus:\n  podIP: {ip}\n  conditions: [{{type: Ready, status: \"True\"}}]\n"
+    )
+}
+
+/// The demo of the L4 scenarios: namespace `demo` (ambient) with a client on node-1 at
+/// 127.<base>.1.1, two servers on node-2 at 127.<base>.2.{1,2}, and Service `server` at
+/// 127.<base>.99.1:80 → `http` (8080).
+pub fn demo_manifests(base: u8) -> String {
+    let mut yaml =
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}\n"
+            .to_owned();
+    yaml += &pod_yaml("client", "demo", "node-1", &format!("127.{base}.1.1"), "client");
+    yaml += &pod_yaml("server-1", "demo", "node-2", &format!("127.{base}.2.1"), "server");
+    yaml += &pod_yaml("server-2", "demo", "node-2", &format!("127.{base}.2.2"), "server");
+    yaml += &format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: server, namespace: demo}}\nspec:\n  selector: {{app: server}}\n  clusterIP: 127.{base}.99.1\n  ports: [{{port: 80, targetPort: http}}]\n"
+    );
+    yaml
 }
 
 /// The mark ztunnel puts on its own sockets in captured labs (Istio's).

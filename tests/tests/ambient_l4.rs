@@ -9,24 +9,6 @@ use std::time::{Duration, Instant};
 use mesh_tests::greeting_echo_app;
 use mesh_tests::lab::{self, Lab, http_get};
 
-fn demo(base: u8) -> String {
-    let pod = |name: &str, node: &str, ip: &str, sa: &str, app: &str| {
-        format!(
-            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: demo, labels: {{app: {app}}}}}\nspec:\n  serviceAccountName: {sa}\n  nodeName: {node}\n  containers: [{{name: app, image: app, ports: [{{name: http, containerPort: 8080}}]}}]\nstatus:\n  podIP: {ip}\n  conditions: [{{type: Ready, status: \"True\"}}]\n"
-        )
-    };
-    let mut yaml =
-        "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}\n"
-            .to_owned();
-    yaml += &pod("client", "node-1", &format!("127.{base}.1.1"), "client", "client");
-    yaml += &pod("server-1", "node-2", &format!("127.{base}.2.1"), "server", "server");
-    yaml += &pod("server-2", "node-2", &format!("127.{base}.2.2"), "server", "server");
-    yaml += &format!(
-        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: server, namespace: demo}}\nspec:\n  selector: {{app: server}}\n  clusterIP: 127.{base}.99.1\n  ports: [{{port: 80, targetPort: http}}]\n"
-    );
-    yaml
-}
-
 async fn exchange(lab: &Lab, destination: SocketAddr, data: &[u8]) -> anyhow::Result<Vec<u8>> {
     let stream = lab.connect(1, &format!("127.{}.1.1", lab.base), destination).await?;
     lab::exchange(stream, data).await
@@ -35,7 +17,9 @@ async fn exchange(lab: &Lab, destination: SocketAddr, data: &[u8]) -> anyhow::Re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_and_services_across_nodes_over_hbone_and_a_policy_that_takes_effect() {
     let base = 61;
-    let lab = Lab::start(base, &demo(base), &["node-1", "node-2"]).await.unwrap();
+    let lab = Lab::start(base, &lab::demo_manifests(base), &["node-1", "node-2"])
+        .await
+        .unwrap();
     let one = greeting_echo_app(&format!("127.{base}.2.1:8080"), "one").await;
     let _two = greeting_echo_app(&format!("127.{base}.2.2:8080"), "two").await;
 
@@ -69,6 +53,27 @@ async fn pods_and_services_across_nodes_over_hbone_and_a_policy_that_takes_effec
         "spiffe://cluster.local/ns/demo/sa/client"
     );
     assert_eq!(dump["certificates"][0]["state"], "ready");
+
+    // ztunnel 1 counted its outbound connections with Istio's names and labels.
+    let (_, metrics) = http_get(format!("{}:15020", lab.node_host(1)).parse().unwrap(), "/metrics")
+        .await
+        .unwrap();
+    let opened = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains("destination_service=\"server.demo.svc.cluster.local\"")
+        })
+        .unwrap_or_else(|| panic!("no outbound service connections in\n{metrics}"));
+    for label in [
+        "reporter=\"source\"",
+        "source_workload=\"client\"",
+        "source_principal=\"spiffe://cluster.local/ns/demo/sa/client\"",
+        "destination_principal=\"spiffe://cluster.local/ns/demo/sa/server\"",
+        "connection_security_policy=\"mutual_tls\"",
+    ] {
+        assert!(opened.contains(label), "{label} missing from {opened}");
+    }
 
     // A policy that admits only `admin` to the servers: the client is refused before the app.
     lab.write_config(

@@ -9,25 +9,16 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use mesh_tests::greeting_echo_app;
-use mesh_tests::lab::{Lab, connect_from, exchange, http_get};
+use mesh_tests::lab::{Lab, connect_from, demo_manifests, exchange, http_get, pod_yaml};
 use mesh_tests::netns;
 
 const BASE: u8 = 71;
 
-fn pod(name: &str, namespace: &str, node: &str, ip: &str, app: &str) -> String {
-    format!(
-        "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {namespace}, labels: {{app: {app}}}}}\nspec:\n  serviceAccountName: {app}\n  nodeName: {node}\n  containers: [{{name: app, image: app, ports: [{{name: http, containerPort: 8080}}]}}]\nstatus:\n  podIP: {ip}\n  conditions: [{{type: Ready, status: \"True\"}}]\n"
-    )
-}
-
 fn manifests() -> String {
-    let mut yaml = "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: legacy}\n".to_owned();
-    yaml += &pod("client", "demo", "node-1", "127.71.1.1", "client");
-    yaml += &pod("server-1", "demo", "node-2", "127.71.2.1", "server");
-    yaml += &pod("server-2", "demo", "node-2", "127.71.2.2", "server");
-    yaml += &pod("legacy-client", "legacy", "node-1", "127.71.1.50", "legacy-client");
-    yaml += &pod("legacy-server", "legacy", "node-2", "127.71.2.50", "legacy-server");
-    yaml += "---\napiVersion: v1\nkind: Service\nmetadata: {name: server, namespace: demo}\nspec:\n  selector: {app: server}\n  clusterIP: 127.71.99.1\n  ports: [{port: 80, targetPort: http}]\n";
+    let mut yaml = demo_manifests(BASE);
+    yaml += "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: legacy}\n";
+    yaml += &pod_yaml("legacy-client", "legacy", "node-1", "127.71.1.50", "legacy-client");
+    yaml += &pod_yaml("legacy-server", "legacy", "node-2", "127.71.2.50", "legacy-server");
     yaml
 }
 
@@ -81,7 +72,9 @@ fn captured_traffic_goes_over_hbone_and_strict_refuses_plaintext() {
         let received = exchange(connect_from("127.71.1.50", at("127.71.2.1:8080")).await?, b"plain").await?;
         assert_eq!(received, b"oneplain");
 
-        let metrics = http_get(format!("{}:15020", lab.node_host(2)).parse()?, "/metrics").await?.1;
+        let metrics = http_get(format!("{}:15020", lab.node_host(2)).parse()?, "/metrics")
+            .await?
+            .1;
         let inbound = |security: &str, source: &str| {
             metrics.lines().any(|l| {
                 l.starts_with("istio_tcp_connections_opened_total")
@@ -90,17 +83,29 @@ fn captured_traffic_goes_over_hbone_and_strict_refuses_plaintext() {
                     && l.contains(&format!("source_workload=\"{source}\""))
             })
         };
-        assert!(inbound("mutual_tls", "client"), "HBONE inbound counted as mTLS:\n{metrics}");
-        assert!(inbound("unknown", "legacy-client"), "plaintext inbound counted:\n{metrics}");
+        assert!(
+            inbound("mutual_tls", "client"),
+            "HBONE inbound counted as mTLS:\n{metrics}"
+        );
+        assert!(
+            inbound("unknown", "legacy-client"),
+            "plaintext inbound counted:\n{metrics}"
+        );
 
         // STRICT: plaintext is refused before the app, mTLS still flows.
         lab.write_config("mtls.yaml", STRICT)?;
         eventually("STRICT refuses plaintext", || async {
             let before = one.load(Ordering::SeqCst);
-            let stream = connect_from("127.71.1.50", at("127.71.2.1:8080")).await.expect("connect");
+            let stream = connect_from("127.71.1.50", at("127.71.2.1:8080"))
+                .await
+                .expect("connect");
             let received = exchange(stream, b"plain").await.unwrap_or_default();
             if received.is_empty() {
-                assert_eq!(one.load(Ordering::SeqCst), before, "the app never saw the refused connection");
+                assert_eq!(
+                    one.load(Ordering::SeqCst),
+                    before,
+                    "the app never saw the refused connection"
+                );
             }
             received.is_empty()
         })
@@ -111,7 +116,9 @@ fn captured_traffic_goes_over_hbone_and_strict_refuses_plaintext() {
         // PERMISSIVE again: plaintext admitted.
         lab.write_config("mtls.yaml", PERMISSIVE)?;
         eventually("PERMISSIVE admits plaintext", || async {
-            let stream = connect_from("127.71.1.50", at("127.71.2.1:8080")).await.expect("connect");
+            let stream = connect_from("127.71.1.50", at("127.71.2.1:8080"))
+                .await
+                .expect("connect");
             exchange(stream, b"p").await.unwrap_or_default() == b"onep"
         })
         .await;

@@ -42,6 +42,8 @@ pub struct WorkloadCertificate {
     roots: Arc<RootCertStore>,
     not_before: SystemTime,
     not_after: SystemTime,
+    /// When this bundle was built (fetched or loaded).
+    received: SystemTime,
 }
 
 impl Clone for WorkloadCertificate {
@@ -53,6 +55,7 @@ impl Clone for WorkloadCertificate {
             roots: self.roots.clone(),
             not_before: self.not_before,
             not_after: self.not_after,
+            received: self.received,
         }
     }
 }
@@ -84,6 +87,7 @@ impl WorkloadCertificate {
             roots,
             not_before: info.not_before,
             not_after: info.not_after,
+            received: SystemTime::now(),
         })
     }
 
@@ -111,10 +115,13 @@ impl WorkloadCertificate {
         self.not_after
     }
 
-    /// When this certificate should be renewed: halfway through its validity, as Istio does.
+    /// When this certificate should be renewed: halfway through its validity, as Istio does,
+    /// counted from when it was received if that is later: CAs backdate `not_before` for clock
+    /// skew, which would otherwise make a short-lived certificate due at once.
     pub fn refresh_at(&self) -> SystemTime {
-        let lifetime = self.not_after.duration_since(self.not_before).unwrap_or(Duration::ZERO);
-        self.not_before + lifetime / 2
+        let start = self.not_before.max(self.received);
+        let lifetime = self.not_after.duration_since(start).unwrap_or(Duration::ZERO);
+        start + lifetime / 2
     }
 }
 
