@@ -43,7 +43,8 @@ impl<S: CertificateSource> ServerCertificates for WorkloadCertificates<S> {
 
 /// The client side of an inbound connection, before it is admitted.
 enum Client {
-    Hbone(InboundRequest),
+    /// Boxed: the request is large, and the connection's future holds this for its whole life.
+    Hbone(Box<InboundRequest>),
     Plaintext(TcpStream),
 }
 
@@ -65,7 +66,7 @@ pub async fn handle_hbone<S: CertificateSource>(context: Arc<Context<S>>, reques
         return request.reject(StatusCode::BAD_REQUEST);
     };
     let (peer, identity) = (request.peer_address, request.peer_identity.clone());
-    serve(context, Client::Hbone(request), peer, Some(identity), workload, target).await
+    serve(context, Client::Hbone(Box::new(request)), peer, Some(identity), workload, target).await
 }
 
 /// Handles one redirected plaintext connection (15006) that was headed for `target`.
