@@ -10,11 +10,10 @@ use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use benches::process::{self, Process};
 use benches::{Report, arg};
-use clap::Parser;
 use mesh_core::proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use mesh_core::proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use mesh_core::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
@@ -25,12 +24,10 @@ use tonic::transport::Channel;
 
 const NAMESPACES: usize = 10;
 const NODES: usize = 10;
-const SERVE_FLAG: &str = "--serve-istiod";
 
 fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    if let Some(at) = args.iter().position(|a| a == SERVE_FLAG) {
-        return serve(&args[at + 1..]);
+    if let Some(result) = process::run_role_if_asked() {
+        return result;
     }
     let pods: usize = arg("--pods").map(|v| v.parse()).transpose()?.unwrap_or(10_000);
     let services: usize = arg("--services").map(|v| v.parse()).transpose()?.unwrap_or(1_000);
@@ -147,20 +144,6 @@ fn ms(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1000.0
 }
 
-/// Child mode: run istiod-lite with the given flags.
-fn serve(args: &[String]) -> anyhow::Result<()> {
-    let config =
-        istiod_lite::Config::try_parse_from(std::iter::once("istiod-lite".to_owned()).chain(args.iter().cloned()))?;
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(async {
-            let signals = mesh_core::lifecycle::Signals::install()?;
-            let log = mesh_core::telemetry::init_logging(&config.log)?;
-            istiod_lite::run(std::sync::Arc::new(config), signals, log).await
-        })
-}
-
 struct Cleanup(PathBuf);
 
 impl Drop for Cleanup {
@@ -170,37 +153,41 @@ impl Drop for Cleanup {
 }
 
 struct Server {
-    child: Child,
+    process: Process,
     xds: SocketAddr,
 }
 
 impl Server {
     fn start(dir: &Path) -> anyhow::Result<Self> {
-        let mut child = Command::new(std::env::current_exe()?)
-            .arg(SERVE_FLAG)
-            .arg("--config-dir")
-            .arg(dir)
-            .arg("--ca-dir")
-            .arg(dir.join("ca"))
-            .args([
+        let flags: Vec<String> = [
+            "--config-dir".to_owned(),
+            dir.display().to_string(),
+            "--ca-dir".to_owned(),
+            dir.join("ca").display().to_string(),
+        ]
+        .into_iter()
+        .chain(
+            [
                 "--xds-plaintext-addr",
                 "127.0.0.1:0",
                 "--xds-addr",
                 "127.0.0.1:0",
                 "--admin-addr",
                 "127.0.0.1:0",
-            ])
-            .args([
                 "--metrics-addr",
                 "127.0.0.1:0",
                 "--readiness-addr",
                 "127.0.0.1:0",
                 "--log-level",
                 "info",
-            ])
-            .env("LOG_FORMAT", "json")
-            .stdout(Stdio::piped())
-            .spawn()?;
+                "--log-format",
+                "json",
+            ]
+            .map(str::to_owned),
+        )
+        .collect();
+        let mut process = Process::spawn("istiod-lite", &flags, true)?;
+        let child = &mut process.child;
         // A reader thread keeps draining the child's output; the addresses come back over a channel.
         let lines = BufReader::new(child.stdout.take().expect("piped")).lines();
         let (found, listening) = std::sync::mpsc::channel();
@@ -226,36 +213,20 @@ impl Server {
         }
         Ok(Self {
             xds: servers["xds-plaintext"].parse()?,
-            child,
+            process,
         })
     }
 
-    fn status_kib(&self, field: &str) -> anyhow::Result<f64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
-        let line = status
-            .lines()
-            .find(|l| l.starts_with(field))
-            .ok_or_else(|| anyhow::anyhow!("no {field}"))?;
-        Ok(line.split_whitespace().nth(1).unwrap_or("0").parse()?)
-    }
-
     fn peak_rss_mib(&self) -> anyhow::Result<f64> {
-        Ok(self.status_kib("VmHWM:")? / 1024.0)
+        Ok(self.process.peak_rss_kib()? / 1024.0)
     }
 
     fn rss_mib(&self) -> anyhow::Result<f64> {
-        Ok(self.status_kib("VmRSS:")? / 1024.0)
+        Ok(self.process.rss_kib()? / 1024.0)
     }
 
     fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop();
+        self.process.stop();
     }
 }
 

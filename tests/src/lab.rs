@@ -194,23 +194,9 @@ impl Lab {
         Ok(stream)
     }
 
-    /// Captures the TCP traffic of `pods` (ambient pods on loopback) as the in-pod rules would:
-    /// their outbound connections go to their ztunnel's 15001 and connections to them (except
-    /// HBONE) to its 15006, both on the pod's own address. ztunnel's marked sockets pass.
+    /// Captures the TCP traffic of `pods`: see [`capture_pods`].
     pub fn capture(&self, pods: &[&str]) -> anyhow::Result<()> {
-        let mut rules = format!(
-            "table ip mesh_lab_capture {{\n  chain output {{\n    type nat hook output priority -100; policy accept;\n    meta mark {CAPTURE_MARK} return\n"
-        );
-        let skip = "tcp dport != { 15001, 15006, 15008 }";
-        for pod in pods {
-            rules += &format!("    ip saddr {pod} {skip} dnat to {pod}:15001\n");
-        }
-        for pod in pods {
-            rules += &format!("    ip daddr {pod} {skip} dnat to {pod}:15006\n");
-        }
-        rules += "  }\n}\n";
-        crate::netns::run("nft", &["-f", "-"], Some(&rules))?;
-        Ok(())
+        capture_pods(pods)
     }
 
     pub fn path(&self) -> &Path {
@@ -249,6 +235,25 @@ pub fn demo_manifests(base: u8) -> String {
         "---\napiVersion: v1\nkind: Service\nmetadata: {{name: server, namespace: demo}}\nspec:\n  selector: {{app: server}}\n  clusterIP: 127.{base}.99.1\n  ports: [{{port: 80, targetPort: http}}]\n"
     );
     yaml
+}
+
+/// Captures the TCP traffic of `pods` (ambient pods on loopback) as the in-pod rules would:
+/// their outbound connections go to their ztunnel's 15001 and connections to them (except
+/// HBONE) to its 15006, both on the pod's own address. ztunnel's marked sockets pass.
+pub fn capture_pods(pods: &[&str]) -> anyhow::Result<()> {
+    let mut rules = format!(
+        "table ip mesh_lab_capture {{\n  chain output {{\n    type nat hook output priority -100; policy accept;\n    meta mark {CAPTURE_MARK} return\n"
+    );
+    let skip = "tcp dport != { 15001, 15006, 15008 }";
+    for pod in pods {
+        rules += &format!("    ip saddr {pod} {skip} dnat to {pod}:15001\n");
+    }
+    for pod in pods {
+        rules += &format!("    ip daddr {pod} {skip} dnat to {pod}:15006\n");
+    }
+    rules += "  }\n}\n";
+    crate::netns::run("nft", &["-f", "-"], Some(&rules))?;
+    Ok(())
 }
 
 /// The mark ztunnel puts on its own sockets in captured labs (Istio's).

@@ -66,7 +66,15 @@ pub async fn handle_hbone<S: CertificateSource>(context: Arc<Context<S>>, reques
         return request.reject(StatusCode::BAD_REQUEST);
     };
     let (peer, identity) = (request.peer_address, request.peer_identity.clone());
-    serve(context, Client::Hbone(Box::new(request)), peer, Some(identity), workload, target).await
+    serve(
+        context,
+        Client::Hbone(Box::new(request)),
+        peer,
+        Some(identity),
+        workload,
+        target,
+    )
+    .await
 }
 
 /// Handles one redirected plaintext connection (15006) that was headed for `target`.

@@ -1,0 +1,105 @@
+//! Components in processes of their own: a benchmark re-runs its own binary with
+//! [`ROLE_FLAG`] to run istiod-lite or ztunnel, so their CPU time and memory are measured apart
+//! from the load generator's.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+
+use clap::Parser;
+
+/// `<bench binary> --bench-role <istiod-lite|ztunnel> <flags…>` runs that component.
+pub const ROLE_FLAG: &str = "--bench-role";
+
+/// Runs the component when this process was started as one; `None` for the benchmark itself.
+/// Call it first in `main`.
+pub fn run_role_if_asked() -> Option<anyhow::Result<()>> {
+    let args: Vec<String> = std::env::args().collect();
+    let at = args.iter().position(|a| a == ROLE_FLAG)?;
+    let role = args.get(at + 1)?.clone();
+    let flags = std::iter::once(role.clone()).chain(args[at + 2..].iter().cloned());
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => return Some(Err(error.into())),
+    };
+    Some(runtime.block_on(async move {
+        let signals = mesh_core::lifecycle::Signals::install()?;
+        match role.as_str() {
+            "istiod-lite" => {
+                let config = istiod_lite::Config::try_parse_from(flags)?;
+                let log = mesh_core::telemetry::init_logging(&config.log)?;
+                istiod_lite::run(Arc::new(config), signals, log).await
+            }
+            "ztunnel" => {
+                let config = ztunnel::Config::try_parse_from(flags)?;
+                let log = mesh_core::telemetry::init_logging(&config.log)?;
+                ztunnel::run(Arc::new(config), signals, log).await
+            }
+            other => anyhow::bail!("unknown role {other}"),
+        }
+    }))
+}
+
+/// A component running in a child process; killed when dropped.
+#[derive(Debug)]
+pub struct Process {
+    pub child: Child,
+}
+
+/// Linux reports process CPU times in USER_HZ ticks, fixed at 100 per second by its ABI.
+const TICKS_PER_SECOND: f64 = 100.0;
+
+impl Process {
+    /// Starts `role` with `flags`; its stdout is piped (for the caller to read) or discarded.
+    pub fn spawn(role: &str, flags: &[String], pipe_stdout: bool) -> anyhow::Result<Self> {
+        let child = Command::new(std::env::current_exe()?)
+            .arg(ROLE_FLAG)
+            .arg(role)
+            .args(flags)
+            .stdout(if pipe_stdout { Stdio::piped() } else { Stdio::null() })
+            .spawn()?;
+        Ok(Self { child })
+    }
+
+    fn status_kib(&self, field: &str) -> anyhow::Result<f64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        let line = status
+            .lines()
+            .find(|l| l.starts_with(field))
+            .ok_or_else(|| anyhow::anyhow!("no {field}"))?;
+        Ok(line.split_whitespace().nth(1).unwrap_or("0").parse()?)
+    }
+
+    pub fn rss_kib(&self) -> anyhow::Result<f64> {
+        self.status_kib("VmRSS:")
+    }
+
+    pub fn peak_rss_kib(&self) -> anyhow::Result<f64> {
+        self.status_kib("VmHWM:")
+    }
+
+    /// User plus system CPU time so far.
+    pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
+        // Fields after the command name (which may contain spaces): utime is the 12th, stime the 13th.
+        let after_name = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or_default();
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        let ticks = |i: usize| -> anyhow::Result<f64> {
+            Ok(fields
+                .get(i)
+                .ok_or_else(|| anyhow::anyhow!("short /proc stat"))?
+                .parse::<f64>()?)
+        };
+        Ok((ticks(11)? + ticks(12)?) / TICKS_PER_SECOND)
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
