@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use benches::process::{self, Process};
-use benches::{Report, arg, spawn_on_own_thread};
+use benches::{Report, arg};
 use mesh_tests::lab::{CAPTURE_MARK, capture_pods, demo_manifests, http_get};
 use mesh_tests::netns;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -30,6 +30,9 @@ const MESH_SERVER: &str = "127.81.2.1:8080";
 /// Direct: addresses no rule touches.
 const DIRECT_CLIENT: &str = "127.81.1.9";
 const DIRECT_SERVER: &str = "127.81.2.9:8080";
+
+/// Runs the server app (a process of its own, for file descriptors).
+const SERVE_APP_FLAG: &str = "--serve-app";
 
 /// What the server does with a connection, from its first byte.
 const SINK: u8 = b's';
@@ -53,8 +56,19 @@ fn main() -> anyhow::Result<()> {
     let seconds = parsed("--seconds", 3)?;
     let connections = parsed("--connections", 10_000)?;
 
-    // File descriptors for 10,000 connections at every hop; the children inherit the limit.
-    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, 200_000, 200_000)?;
+    // File descriptors for 10,000 connections at every hop (the server runs in a process of its
+    // own for that); the children inherit the limit.
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard)?;
+    if std::env::args().any(|a| a == SERVE_APP_FLAG) {
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(async {
+                tokio::join!(serve(MESH_SERVER), serve(DIRECT_SERVER));
+                Ok(())
+            });
+    }
     // Before any thread exists, so every thread and child lives in the new namespace.
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
     netns::run("ip", &["link", "set", "lo", "up"], None)?;
@@ -74,9 +88,11 @@ fn main() -> anyhow::Result<()> {
     report.print_setup();
 
     let mesh = Mesh::start()?;
-    let _server = spawn_on_own_thread("server", async {
-        tokio::join!(serve(MESH_SERVER), serve(DIRECT_SERVER));
-    });
+    let _server = Process {
+        child: std::process::Command::new(std::env::current_exe()?)
+            .arg(SERVE_APP_FLAG)
+            .spawn()?,
+    };
     std::thread::sleep(Duration::from_millis(200));
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
@@ -104,11 +120,13 @@ fn main() -> anyhow::Result<()> {
                         "CPU-s/GB",
                     );
             }
-            for size in [1024usize, 64] {
-                let (p50, p99) = latency(client, server, size, requests, rate).await?;
+            // 1 KiB at a fixed rate (every request finds an idle path), and 64 B back to back
+            // (netperf TCP_RR style, the form of upstream's ping-pong figure).
+            for (label, size, pace) in [("1024b_paced", 1024usize, rate), ("64b_back_to_back", 64, 0)] {
+                let (p50, p99) = latency(client, server, size, requests, pace).await?;
                 report
-                    .result(&format!("{name}_{size}b_latency_p50_us"), p50, "µs")
-                    .result(&format!("{name}_{size}b_latency_p99_us"), p99, "µs");
+                    .result(&format!("{name}_{label}_latency_p50_us"), p50, "µs")
+                    .result(&format!("{name}_{label}_latency_p99_us"), p99, "µs");
             }
             let per_second = connection_rate(client, server, Duration::from_secs(seconds)).await?;
             report.result(&format!("{name}_connections_per_s"), per_second, "conn/s");
@@ -148,6 +166,9 @@ impl Mesh {
             std::fs::create_dir_all(dir.join(sub))?;
         }
         std::fs::write(dir.join("config/lab.yaml"), demo_manifests(BASE))?;
+        for node in ["node-1", "node-2"] {
+            std::fs::write(dir.join("tokens").join(node), format!("token-of-{node}\n"))?;
+        }
         let host = |node: u8| format!("127.{BASE}.{node}.100");
         let path = |p: &str| dir.join(p).display().to_string();
         let istiod = Process::spawn(
@@ -168,7 +189,6 @@ impl Mesh {
         ready(&format!("127.{BASE}.0.1:15021"))?;
         let ztunnel = |node: u8| -> anyhow::Result<Process> {
             let name = format!("node-{node}");
-            std::fs::write(dir.join("tokens").join(&name), format!("token-of-{name}\n"))?;
             Process::spawn(
                 "ztunnel",
                 &[
@@ -278,7 +298,8 @@ async fn throughput(client: &str, server: SocketAddr, bytes: u64) -> anyhow::Res
 }
 
 /// Request/response of `size` bytes on one connection, started at `rate` per second (a late
-/// response delays the next start, so a slow path cannot hide its latency by batching).
+/// response delays the next start, so a slow path cannot hide its latency by batching), or back
+/// to back when `rate` is 0.
 async fn latency(
     client: &str,
     server: SocketAddr,
@@ -299,7 +320,9 @@ async fn latency(
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut samples = Vec::with_capacity(requests as usize);
     for _ in 0..requests {
-        interval.tick().await;
+        if rate > 0 {
+            interval.tick().await;
+        }
         let started = Instant::now();
         stream.write_all(&request).await?;
         stream.read_exact(&mut response).await?;

@@ -17,7 +17,19 @@ pub fn run_role_if_asked() -> Option<anyhow::Result<()>> {
     let at = args.iter().position(|a| a == ROLE_FLAG)?;
     let role = args.get(at + 1)?.clone();
     let flags = std::iter::once(role.clone()).chain(args[at + 2..].iter().cloned());
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut builder = match std::env::var("BENCH_WORKER_THREADS")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+    {
+        Some(0) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(n);
+            builder
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => return Some(Err(error.into())),
     };

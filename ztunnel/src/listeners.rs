@@ -96,9 +96,11 @@ async fn serve_workload<S: CertificateSource>(
     tokio::spawn(serve_redirected(outgoing, watch, move |stream, peer, destination| {
         let outbound = outbound.clone();
         async move {
-            // The proxy logs the connection itself; this only adds why it never started.
-            if let Err(error) = outbound.proxy(stream, peer, destination).await {
-                debug!(%peer, %destination, %error, "outbound connection failed");
+            match outbound.open(peer, destination).await {
+                // The copying gets a task of its own, sized for it alone.
+                Ok(opened) => drop(tokio::spawn(opened.carry(stream))),
+                // Refusals are logged where they happen; this only adds the final word.
+                Err(error) => debug!(%peer, %destination, %error, "outbound connection failed"),
             }
         }
     }));

@@ -51,8 +51,10 @@ async fn handle<S: CertificateSource>(
     stream
         .write_all(&[VERSION, SUCCEEDED, 0, IPV4, 0, 0, 0, 0, 0, 0])
         .await?;
-    if let Err(error) = outbound.proxy(stream, peer, destination).await {
-        warn!(%peer, %destination, %error, "outbound connection failed");
+    match outbound.open(peer, destination).await {
+        // The copying gets a task of its own, sized for it alone.
+        Ok(opened) => drop(tokio::spawn(opened.carry(stream))),
+        Err(error) => warn!(%peer, %destination, %error, "outbound connection failed"),
     }
     Ok(())
 }

@@ -2,15 +2,15 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 const SCHEME: &str = "spiffe://";
 
-/// A workload identity. Every part is non-empty and free of `/`.
+/// A workload identity. Every part is non-empty and free of `/`. The URI is shared, so cloning
+/// one (every connection does, several times) allocates nothing.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SpiffeId {
-    trust_domain: String,
-    namespace: String,
-    service_account: String,
+    uri: Arc<str>,
 }
 
 /// Why a string is not an Istio SPIFFE identity; each variant names the offending part.
@@ -41,24 +41,30 @@ impl SpiffeId {
         namespace: impl Into<String>,
         service_account: impl Into<String>,
     ) -> Result<Self, SpiffeIdError> {
-        let id = Self {
-            trust_domain: trust_domain.into(),
-            namespace: namespace.into(),
-            service_account: service_account.into(),
-        };
-        id.to_string().parse()
+        format!(
+            "{SCHEME}{}/ns/{}/sa/{}",
+            trust_domain.into(),
+            namespace.into(),
+            service_account.into()
+        )
+        .parse()
+    }
+
+    /// The parts of the (validated) URI: trust domain, "ns", namespace, "sa", service account.
+    fn part(&self, index: usize) -> &str {
+        self.uri[SCHEME.len()..].split('/').nth(index).unwrap_or_default()
     }
 
     pub fn trust_domain(&self) -> &str {
-        &self.trust_domain
+        self.part(0)
     }
 
     pub fn namespace(&self) -> &str {
-        &self.namespace
+        self.part(2)
     }
 
     pub fn service_account(&self) -> &str {
-        &self.service_account
+        self.part(4)
     }
 }
 
@@ -98,11 +104,7 @@ impl FromStr for SpiffeId {
                 });
             }
         }
-        Ok(Self {
-            trust_domain: trust_domain.to_owned(),
-            namespace: (*namespace).to_owned(),
-            service_account: (*service_account).to_owned(),
-        })
+        Ok(Self { uri: Arc::from(s) })
     }
 }
 
@@ -115,11 +117,7 @@ fn is_valid_segment(segment: &str) -> bool {
 
 impl fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{SCHEME}{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
-        )
+        f.write_str(&self.uri)
     }
 }
 

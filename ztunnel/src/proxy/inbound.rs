@@ -9,15 +9,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::StatusCode;
-use mesh_core::hbone::{InboundRequest, ServerCertificates};
+use mesh_core::hbone::{H2Stream, InboundRequest, ServerCertificates};
 use mesh_core::identity::{SpiffeId, tls};
 use mesh_core::proto::workload::Workload;
 use rustls::ServerConfig;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
-use super::connection::{Description, Endpoint};
+use super::connection::{Accounting, Description, Endpoint, Registration};
 use super::copy::copy_bidirectional;
 use super::metrics::{Reporter, ResponseFlags, SecurityPolicy};
 use super::{Context, identity_of};
@@ -140,7 +139,7 @@ async fn serve<S: CertificateSource>(
         description.refused(&context.metrics, ResponseFlags::Denied, &format!("denied: {denied}"));
         return client.refuse(StatusCode::UNAUTHORIZED);
     }
-    let mut app = match context.connector.connect(target, None).await {
+    let app = match context.connector.connect(target, None).await {
         Ok(app) => app,
         Err(error) => {
             let reason = format!("app refused the connection: {error}");
@@ -148,28 +147,38 @@ async fn serve<S: CertificateSource>(
             return client.refuse(StatusCode::SERVICE_UNAVAILABLE);
         }
     };
+    let client = match client {
+        Client::Hbone(request) => match request.accept() {
+            Ok(tunnel) => Accepted::Hbone(tunnel),
+            Err(error) => return debug!(%target, %error, "HBONE stream gone before it was accepted"),
+        },
+        Client::Plaintext(stream) => Accepted::Plaintext(stream),
+    };
     let registration = context.connections.register(&workload, &connection);
     let accounting = description.open(&context.metrics);
+    // The copying gets a task of its own, sized for it alone: an idle connection holds no setup state.
+    tokio::spawn(carry(client, app, accounting, registration));
+}
+
+/// The client side of an admitted connection.
+enum Accepted {
+    Hbone(H2Stream),
+    Plaintext(TcpStream),
+}
+
+/// Copies until both sides are done or a policy change revokes the connection, then logs it.
+async fn carry(client: Accepted, mut app: TcpStream, accounting: Accounting, registration: Registration) {
+    let (received, sent) = (&accounting.received, &accounting.sent);
     let copied = async {
         match client {
-            Client::Hbone(request) => {
-                let mut tunnel = request.accept().map_err(|e| std::io::Error::other(e.to_string()))?;
-                carry(&mut tunnel, &mut app, &accounting).await
-            }
-            Client::Plaintext(mut stream) => carry(&mut stream, &mut app, &accounting).await,
+            Accepted::Hbone(mut tunnel) => copy_bidirectional(&mut tunnel, &mut app, received, sent).await,
+            Accepted::Plaintext(mut stream) => copy_bidirectional(&mut stream, &mut app, received, sent).await,
         }
     };
     let outcome = tokio::select! {
         copied = copied => copied.map_err(|error| error.to_string()),
         () = registration.revoked() => Err("closed: a policy change denies it".to_owned()),
     };
+    drop(registration);
     accounting.close(outcome);
-}
-
-async fn carry<C: AsyncRead + AsyncWrite + Unpin>(
-    client: &mut C,
-    app: &mut TcpStream,
-    accounting: &super::connection::Accounting,
-) -> std::io::Result<super::copy::Transferred> {
-    copy_bidirectional(client, app, &accounting.received, &accounting.sent).await
 }

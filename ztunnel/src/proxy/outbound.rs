@@ -12,14 +12,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use http::HeaderMap;
-use mesh_core::hbone::{self, HboneError, Pool, PoolKey};
+use mesh_core::hbone::{self, H2Stream, HboneError, Pool, PoolKey};
 use mesh_core::proto::workload::{GatewayAddress, Service, TunnelProtocol, Workload, WorkloadStatus, gateway_address};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
-use super::connection::{Description, Endpoint};
+use super::connection::{Accounting, Description, Endpoint};
 use super::copy::{Transferred, copy_bidirectional};
-use super::metrics::{Reporter, ResponseFlags, SecurityPolicy, TcpMetrics};
+use super::metrics::{Reporter, ResponseFlags, SecurityPolicy};
 use super::{Context, identity_of};
 use crate::certificates::CertificateSource;
 use crate::state::{NetworkAddress, State, ip_from_bytes, service_key};
@@ -224,13 +225,18 @@ impl<S: CertificateSource> Outbound<S> {
     /// Carries one connection from the workload at `source` to `destination`.
     pub async fn proxy<C>(
         &self,
-        mut client: C,
+        client: C,
         source: SocketAddr,
         destination: SocketAddr,
     ) -> Result<Transferred, OutboundError>
     where
         C: AsyncRead + AsyncWrite + Unpin,
     {
+        Ok(self.open(source, destination).await?.carry(client).await)
+    }
+
+    /// Resolves `destination` and opens the next hop (counted and logged when refused).
+    pub async fn open(&self, source: SocketAddr, destination: SocketAddr) -> Result<Opened, OutboundError> {
         let source_workload = self
             .context
             .workload_at(source.ip())
@@ -283,22 +289,19 @@ impl<S: CertificateSource> Outbound<S> {
             description.refused(metrics, flags, &error.to_string());
             error
         };
-        match route {
-            Route::Direct { target, .. } => {
-                let mut upstream = match self.context.connector.connect(target, None).await {
-                    Ok(upstream) => upstream,
-                    Err(source) => {
-                        return Err(refuse(
-                            description,
-                            OutboundError::Connect {
-                                address: target,
-                                source,
-                            },
-                        ));
-                    }
-                };
-                Ok(carry(description, metrics, &mut client, &mut upstream).await)
-            }
+        let upstream = match route {
+            Route::Direct { target, .. } => match self.context.connector.connect(target, None).await {
+                Ok(upstream) => Upstream::Tcp(upstream),
+                Err(source) => {
+                    return Err(refuse(
+                        description,
+                        OutboundError::Connect {
+                            address: target,
+                            source,
+                        },
+                    ));
+                }
+            },
             Route::Hbone {
                 gateway,
                 target,
@@ -319,30 +322,48 @@ impl<S: CertificateSource> Outbound<S> {
                     }
                     Ok::<_, OutboundError>(self.pool.connect(&key, &certificate, target, headers).await?)
                 };
-                // Boxed: the handshake's state is large and only needed until the stream opens,
-                // while this future lives as long as the connection.
-                let mut tunnel = match Box::pin(tunnel).await {
-                    Ok(tunnel) => tunnel,
+                // Boxed: the handshake's state is large and only needed until the stream opens.
+                match Box::pin(tunnel).await {
+                    Ok(tunnel) => Upstream::Hbone(tunnel),
                     Err(error) => return Err(refuse(description, error)),
-                };
-                Ok(carry(description, metrics, &mut client, &mut tunnel).await)
+                }
             }
-        }
+        };
+        Ok(Opened {
+            accounting: description.open(metrics),
+            upstream,
+        })
     }
 }
 
-/// Copies between the client and the next hop with the connection counted and logged.
-async fn carry<C, U>(description: Description, metrics: &TcpMetrics, client: &mut C, upstream: &mut U) -> Transferred
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
-{
-    let accounting = description.open(metrics);
-    let outcome = copy_bidirectional(client, upstream, &accounting.received, &accounting.sent)
-        .await
+/// The next hop of an outbound connection.
+#[derive(Debug)]
+enum Upstream {
+    Tcp(TcpStream),
+    Hbone(H2Stream),
+}
+
+/// A connection whose next hop is open and counted. [`Opened::carry`] moves its bytes; spawned
+/// on its own, it is all an idle connection holds.
+#[derive(Debug)]
+pub struct Opened {
+    accounting: Accounting,
+    upstream: Upstream,
+}
+
+impl Opened {
+    /// Copies between the client and the next hop until both are done, then logs the connection.
+    pub async fn carry<C: AsyncRead + AsyncWrite + Unpin>(self, mut client: C) -> Transferred {
+        let Self { accounting, upstream } = self;
+        let (received, sent) = (&accounting.received, &accounting.sent);
+        let outcome = match upstream {
+            Upstream::Tcp(mut next) => copy_bidirectional(&mut client, &mut next, received, sent).await,
+            Upstream::Hbone(mut next) => copy_bidirectional(&mut client, &mut next, received, sent).await,
+        }
         .map_err(|e| e.to_string());
-    accounting.close(outcome.clone());
-    outcome.unwrap_or_default()
+        accounting.close(outcome.clone());
+        outcome.unwrap_or_default()
+    }
 }
 
 /// HBONE when the workload speaks it, else plain TCP.
