@@ -109,6 +109,9 @@ async fn mesh(base: u8) -> Mesh {
             .insert_workload(workload("server-2", &addr(20, 2), "node-2", "server", true, true))
             .unwrap();
         state
+            .insert_workload(workload("server-3", &addr(20, 3), "node-2", "server", true, true))
+            .unwrap();
+        state
             .insert_workload(workload("legacy", &addr(30, 1), "node-2", "legacy", false, false))
             .unwrap();
         state
@@ -143,7 +146,7 @@ async fn mesh(base: u8) -> Mesh {
     };
     let (node1, node2) = (context("node-1"), context("node-2"));
     let mut signals = Vec::new();
-    for host in [addr(20, 1), addr(20, 2)] {
+    for host in [addr(20, 1), addr(20, 2), addr(20, 3)] {
         let listener = TcpListener::bind(format!("{host}:15008")).await.unwrap();
         let (signal, watch) = drain::channel();
         signals.push(signal);
@@ -155,6 +158,7 @@ async fn mesh(base: u8) -> Mesh {
         greeting_echo_app(&format!("{}:8080", addr(20, 1)), "one").await,
         greeting_echo_app(&format!("{}:8080", addr(20, 2)), "two").await,
         greeting_echo_app(&format!("{}:9000", addr(30, 1)), "legacy").await,
+        greeting_echo_app(&format!("{}:8080", addr(20, 3)), "tri").await,
     ];
     Mesh {
         outbound: Outbound::new(node1, Pool::new(PoolConfig::default())),
@@ -194,15 +198,16 @@ async fn pod_to_pod_over_hbone_carries_data_both_ways_with_half_close() {
 }
 
 #[tokio::test]
-async fn service_vip_spreads_over_endpoints() {
+async fn service_vip_spreads_over_three_endpoints() {
     let mesh = mesh(42).await;
     let mut seen = Vec::new();
-    for _ in 0..6 {
+    for _ in 0..9 {
         let received = send(&mesh, 42, "127.42.99.1:80", b"hi").await.unwrap();
         seen.push(String::from_utf8_lossy(&received[..3]).into_owned());
     }
-    assert_eq!(seen.iter().filter(|s| *s == "one").count(), 3, "{seen:?}");
-    assert_eq!(seen.iter().filter(|s| *s == "two").count(), 3, "{seen:?}");
+    for greeting in ["one", "two", "tri"] {
+        assert_eq!(seen.iter().filter(|s| *s == greeting).count(), 3, "{seen:?}");
+    }
 }
 
 #[tokio::test]
@@ -239,7 +244,7 @@ async fn non_mesh_destinations_get_plain_tcp_and_missing_endpoints_are_refused()
     let mesh = mesh(44).await;
     let received = send(&mesh, 44, "127.44.30.1:9000", b"plain").await.unwrap();
     assert_eq!(received, b"legacyplain");
-    for uid in ["server-1", "server-2"] {
+    for uid in ["server-1", "server-2", "server-3"] {
         mesh.state.write().unwrap().remove_address(uid);
     }
     let error = send(&mesh, 44, "127.44.99.1:80", b"hi").await.unwrap_err();
