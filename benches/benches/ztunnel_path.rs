@@ -197,6 +197,7 @@ impl Mesh {
                     format!("--root-cert={}", path("ca/root-cert.pem")),
                     format!("--token-file={}", path(&format!("tokens/{name}"))),
                     format!("--socket-mark={CAPTURE_MARK}"),
+                    "--redirect=shared".into(),
                     format!("--admin-addr={}:15000", host(node)),
                     format!("--metrics-addr={}:15020", host(node)),
                     format!("--readiness-addr={}:15021", host(node)),

@@ -1,34 +1,64 @@
 //! The sockets a proxy opens and the destinations it recovers from redirected ones.
 
+use std::fmt::Debug;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use socket2::SockRef;
 use tokio::net::{TcpSocket, TcpStream};
 
-/// Opens the proxy's own outgoing connections: Nagle off (a proxy must not add 40 ms stalls to
-/// small writes), and marked when the capture rules skip a mark, so they are not captured again.
+/// Creates the proxy's outgoing sockets: where they live (a pod's network namespace, say) and how
+/// they are marked is the factory's business; connecting is the caller's.
+pub trait SocketFactory: Send + Sync + Debug {
+    /// A socket for a connection to `destination`, bound to `local` when given.
+    fn tcp_socket(&self, destination: SocketAddr, local: Option<IpAddr>) -> io::Result<TcpSocket>;
+}
+
+/// Connects through `factory`.
+pub async fn connect(
+    factory: &dyn SocketFactory,
+    destination: SocketAddr,
+    local: Option<IpAddr>,
+) -> io::Result<TcpStream> {
+    factory.tcp_socket(destination, local)?.connect(destination).await
+}
+
+/// Sockets in this process's own network namespace: Nagle off (a proxy must not add 40 ms
+/// stalls to small writes), and marked when capture rules skip a mark, so they are not captured
+/// again.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Connector {
     pub mark: Option<u32>,
 }
 
 impl Connector {
-    /// Connects to `address`, from `local` when given (a workload's own IP, so the peer sees it).
-    pub async fn connect(&self, address: SocketAddr, local: Option<IpAddr>) -> io::Result<TcpStream> {
-        let socket = match address {
+    pub fn shared(self) -> Arc<dyn SocketFactory> {
+        Arc::new(self)
+    }
+}
+
+impl SocketFactory for Connector {
+    fn tcp_socket(&self, destination: SocketAddr, local: Option<IpAddr>) -> io::Result<TcpSocket> {
+        let socket = match destination {
             SocketAddr::V4(_) => TcpSocket::new_v4()?,
             SocketAddr::V6(_) => TcpSocket::new_v6()?,
         };
-        if let Some(mark) = self.mark {
-            SockRef::from(&socket).set_mark(mark)?;
-        }
-        if let Some(ip) = local {
-            socket.bind(SocketAddr::new(ip, 0))?;
-        }
-        socket.set_nodelay(true)?;
-        socket.connect(address).await
+        prepare(&socket, self.mark, local)?;
+        Ok(socket)
     }
+}
+
+/// Nagle off, the mark, the local address: what every proxy socket gets.
+pub fn prepare(socket: &TcpSocket, mark: Option<u32>, local: Option<IpAddr>) -> io::Result<()> {
+    if let Some(mark) = mark {
+        SockRef::from(socket).set_mark(mark)?;
+    }
+    socket.set_nodelay(true)?;
+    if let Some(ip) = local {
+        socket.bind(SocketAddr::new(ip, 0))?;
+    }
+    Ok(())
 }
 
 /// Where a redirected connection was going: the NAT's original destination (REDIRECT or DNAT

@@ -12,18 +12,18 @@ use mesh_core::lifecycle::Signals;
 use mesh_core::telemetry::{LogArgs, LogFormat, LogHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::task::JoinHandle;
 
 /// The running lab; everything stops when it is dropped.
 #[derive(Debug)]
 pub struct Lab {
     pub base: u8,
     pub dir: PathBuf,
-    tasks: Vec<JoinHandle<()>>,
     /// istiod-lite runs on a runtime of its own, so stopping it drops every connection at once,
     /// as a crash would.
     istiod: Option<tokio::runtime::Runtime>,
     istiod_config: Option<Arc<istiod_lite::Config>>,
+    /// Each ztunnel too, so one can crash and restart.
+    ztunnels: Vec<(Arc<ztunnel::Config>, Option<tokio::runtime::Runtime>)>,
 }
 
 fn quiet_log() -> LogHandle {
@@ -60,9 +60,9 @@ impl Lab {
         let mut lab = Self {
             base,
             dir,
-            tasks: Vec::new(),
             istiod: None,
             istiod_config: None,
+            ztunnels: Vec::new(),
         };
         let istiod = lab.istiod_address();
         let config = istiod_lite::Config::try_parse_from([
@@ -80,6 +80,12 @@ impl Lab {
         lab.start_istiod().await?;
         for (index, node) in nodes.iter().enumerate() {
             let host = lab.node_host(index + 1);
+            let redirect = if ztunnel_args.iter().any(|a| a.starts_with("--redirect")) {
+                None
+            } else {
+                // Pods are loopback addresses in ztunnel's own namespace.
+                Some("--redirect=shared".to_owned())
+            };
             let config = ztunnel::Config::try_parse_from(
                 [
                     "ztunnel".to_owned(),
@@ -94,14 +100,11 @@ impl Lab {
                     "--drain-deadline=1s".to_owned(),
                 ]
                 .into_iter()
+                .chain(redirect)
                 .chain(ztunnel_args.iter().cloned()),
             )?;
-            lab.tasks.push(tokio::spawn(async move {
-                let signals = Signals::install().expect("signals");
-                if let Err(error) = ztunnel::run(Arc::new(config), signals, quiet_log()).await {
-                    panic!("ztunnel: {error:#}");
-                }
-            }));
+            lab.ztunnels.push((Arc::new(config), None));
+            lab.start_ztunnel(index + 1)?;
         }
         for index in 1..=nodes.len() {
             lab.wait_ready(format!("{}:15021", lab.node_host(index)).parse()?)
@@ -133,6 +136,43 @@ impl Lab {
         });
         self.istiod = Some(runtime);
         self.wait_ready(readiness).await
+    }
+
+    /// Starts (or restarts) the ztunnel of node `index` (1-based) without waiting for it.
+    pub fn start_ztunnel(&mut self, index: usize) -> anyhow::Result<()> {
+        let (config, running) = &mut self.ztunnels[index - 1];
+        let config = config.clone();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        runtime.spawn(async move {
+            // A crashed predecessor's sockets may take a moment to go: retry while ports are busy.
+            loop {
+                let signals = Signals::install().expect("signals");
+                match ztunnel::run(config.clone(), signals, quiet_log()).await {
+                    Ok(()) => return,
+                    Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+                    Err(error) => panic!("ztunnel: {error:#}"),
+                }
+            }
+        });
+        *running = Some(runtime);
+        Ok(())
+    }
+
+    /// Stops the ztunnel of node `index` at once, as a crash would: no cleanup runs.
+    pub fn crash_ztunnel(&mut self, index: usize) {
+        if let Some(runtime) = self.ztunnels[index - 1].1.take() {
+            runtime.shutdown_background();
+        }
+    }
+
+    /// Waits until the ztunnel of node `index` is ready.
+    pub async fn wait_ztunnel(&self, index: usize) -> anyhow::Result<()> {
+        self.wait_ready(format!("{}:15021", self.node_host(index)).parse()?)
+            .await
     }
 
     /// Stops istiod-lite at once: its connections drop, ztunnels keep their last state.
@@ -206,10 +246,10 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        self.stop_istiod();
-        for task in &self.tasks {
-            task.abort();
+        for index in 1..=self.ztunnels.len() {
+            self.crash_ztunnel(index);
         }
+        self.stop_istiod();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -254,6 +294,26 @@ pub fn capture_pods(pods: &[&str]) -> anyhow::Result<()> {
     rules += "  }\n}\n";
     crate::netns::run("nft", &["-f", "-"], Some(&rules))?;
     Ok(())
+}
+
+/// Connects from inside `pod` to `destination`, as an app in that pod would.
+pub async fn connect_in(pod: &mesh_lab::topology::Namespace, destination: SocketAddr) -> anyhow::Result<TcpStream> {
+    let stream = pod.run(move || {
+        let stream = std::net::TcpStream::connect_timeout(&destination, Duration::from_secs(5))?;
+        stream.set_nonblocking(true)?;
+        Ok::<_, std::io::Error>(stream)
+    })??;
+    Ok(TcpStream::from_std(stream)?)
+}
+
+/// A listener inside `pod` on `address`, for an app of that pod.
+pub fn listen_in(pod: &mesh_lab::topology::Namespace, address: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    let listener = pod.run(move || {
+        let listener = std::net::TcpListener::bind(address)?;
+        listener.set_nonblocking(true)?;
+        Ok::<_, std::io::Error>(listener)
+    })??;
+    Ok(tokio::net::TcpListener::from_std(listener)?)
 }
 
 /// The mark ztunnel puts on its own sockets in captured labs (Istio's).

@@ -57,8 +57,16 @@ pub mod netns;
 /// A test app on `address` that greets with `name`, then echoes until the client half-closes.
 /// Returns the count of connections it accepted (to show that a denied client never reached it).
 pub async fn greeting_echo_app(address: &str, name: &'static str) -> Arc<std::sync::atomic::AtomicUsize> {
-    use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind(address).await.expect("bind the app");
+    greeting_echo_app_on(listener, name)
+}
+
+/// [`greeting_echo_app`] on a listener the caller made (inside a pod's namespace, say).
+pub fn greeting_echo_app_on(
+    listener: tokio::net::TcpListener,
+    name: &'static str,
+) -> Arc<std::sync::atomic::AtomicUsize> {
+    use tokio::io::AsyncWriteExt;
     let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = accepted.clone();
     tokio::spawn(async move {

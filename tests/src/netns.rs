@@ -6,7 +6,6 @@
 //! namespace and brings `lo` up, then a runtime whose worker threads (created there) inherit it.
 
 use std::future::Future;
-use std::process::Command;
 
 /// Whether this process may create namespaces. Without root the scenario is skipped with a
 /// message, except in CI (`CI=true`), where that is a failure.
@@ -46,26 +45,5 @@ where
     }
 }
 
-/// Runs a command in the calling thread's namespace (children inherit it), with `input` on stdin.
-pub fn run(program: &str, args: &[&str], input: Option<&str>) -> anyhow::Result<String> {
-    use std::io::Write;
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| anyhow::anyhow!("{program}: {e} (is it installed?)"))?;
-    if let Some(input) = input {
-        child.stdin.take().expect("piped").write_all(input.as_bytes())?;
-    }
-    drop(child.stdin.take());
-    let output = child.wait_with_output()?;
-    anyhow::ensure!(
-        output.status.success(),
-        "{program} {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stderr).trim()
-    );
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
+/// Runs a command in the calling thread's namespace (children inherit it).
+pub use mesh_lab::topology::run;

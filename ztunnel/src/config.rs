@@ -7,6 +7,8 @@ use std::time::Duration;
 use mesh_core::lifecycle::Endpoints;
 use mesh_core::telemetry::LogArgs;
 
+use crate::redirect::{DEFAULT_MARK, RedirectMode};
+
 /// The per-node agent of the ambient mesh: captures the TCP traffic of the ambient pods on this
 /// node and carries it over HBONE (HTTP/2 CONNECT in mutual TLS, port 15008) with each pod's
 /// own SPIFFE identity, enforcing L4 authorization where traffic arrives.
@@ -40,8 +42,16 @@ pub struct Config {
     /// SOCKS5 outbound listener (a local app names its destination instead of being redirected).
     #[arg(long, env = "ZTUNNEL_SOCKS5_ADDR")]
     pub socks5_addr: Option<SocketAddr>,
-    /// SO_MARK on ztunnel's own connections, so capture rules that skip this mark let them pass
-    /// (Istio uses 1337). Needs CAP_NET_ADMIN.
+    /// How pods' traffic reaches ztunnel: `inpod` (ztunnel finds each pod's network namespace,
+    /// installs capture rules and listens inside it) or `shared` (pods live in ztunnel's own
+    /// namespace; listeners on their addresses, capture arranged by whoever set them up).
+    #[arg(long, env = "ZTUNNEL_REDIRECT", value_enum, default_value = "inpod")]
+    pub redirect: RedirectMode,
+    /// Where named network namespaces are kept (searched before those of running processes).
+    #[arg(long, env = "ZTUNNEL_NETNS_DIR", default_value = "/var/run/netns")]
+    pub netns_dir: PathBuf,
+    /// SO_MARK on ztunnel's own connections, so capture rules that skip this mark let them pass.
+    /// Default: 1337 (Istio's) in `inpod` mode, none in `shared` mode. Needs CAP_NET_ADMIN.
     #[arg(long, env = "ZTUNNEL_SOCKET_MARK")]
     pub socket_mark: Option<u32>,
     /// Admin server (/config_dump, /logging, /quitquitquit). Keep it on localhost.
@@ -59,6 +69,14 @@ pub struct Config {
 }
 
 impl Config {
+    /// The mark on ztunnel's own sockets.
+    pub fn mark(&self) -> Option<u32> {
+        match self.redirect {
+            RedirectMode::Inpod => Some(self.socket_mark.unwrap_or(DEFAULT_MARK)),
+            RedirectMode::Shared => self.socket_mark,
+        }
+    }
+
     pub fn endpoints(&self) -> Endpoints {
         Endpoints {
             admin: self.admin_addr,

@@ -7,6 +7,7 @@ pub mod config;
 pub mod config_dump;
 pub mod listeners;
 pub mod proxy;
+pub mod redirect;
 pub mod socks5;
 pub mod state;
 
@@ -28,8 +29,10 @@ use tracing::info;
 pub use config::Config;
 
 use crate::certificates::{CaClient, CertificateManager, Retry};
+use crate::listeners::Enrolment;
 use crate::proxy::Context;
 use crate::proxy::metrics::TcpMetrics;
+use crate::redirect::{PodSockets, RedirectMode};
 use crate::state::{State, StateHandler};
 
 /// Runs ztunnel until SIGTERM, SIGINT or `/quitquitquit`, then drains.
@@ -97,18 +100,31 @@ pub async fn run(config: Arc<Config>, signals: Signals, log: LogHandle) -> anyho
         &config.network,
     );
     context.metrics = TcpMetrics::register(&mut registry);
-    context.connector = Connector {
-        mark: config.socket_mark,
+    let enrolment = match config.redirect {
+        RedirectMode::Shared => {
+            context.sockets = Connector { mark: config.mark() }.shared();
+            Enrolment::Shared
+        }
+        RedirectMode::Inpod => {
+            let sockets = Arc::new(PodSockets::new(config.mark()));
+            context.sockets = sockets.clone();
+            Enrolment::Inpod {
+                sockets,
+                netns_dir: config.netns_dir.clone(),
+                mark: config.mark().unwrap_or(redirect::DEFAULT_MARK),
+            }
+        }
     };
     let context = Arc::new(context);
     let pool = Pool::new(PoolConfig {
-        connector: context.connector,
+        sockets: context.sockets.clone(),
         ..PoolConfig::default()
     });
     let outbound = Arc::new(proxy::outbound::Outbound::new(context.clone(), pool));
     lifecycle.spawn(listeners::manage(
         context.clone(),
         outbound.clone(),
+        enrolment,
         changes,
         lifecycle.watch(),
         Some(readiness.register("certificates")),

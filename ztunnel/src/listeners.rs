@@ -1,11 +1,15 @@
-//! Listeners for this node's workloads. Each HBONE workload scheduled here gets, on its own
-//! address: inbound HBONE (15008), inbound plaintext (15006) and outbound (15001), the last two
-//! fed by capture rules that redirect the workload's connections; its certificate is prefetched.
-//! Workloads that leave have their listeners drained and their certificate forgotten.
+//! Enrolment of this node's workloads. Each HBONE workload scheduled here gets inbound HBONE
+//! (15008), inbound plaintext (15006) and outbound (15001) listeners, the last two fed by capture
+//! rules that redirect the workload's connections, and its certificate is prefetched. In `inpod`
+//! mode the listeners and rules live in the pod's network namespace ([`crate::redirect`]); in
+//! `shared` mode the listeners sit on the pod's address in ztunnel's own namespace. Workloads
+//! that leave (or stop being ambient) have their listeners drained, their rules removed and their
+//! certificate forgotten; a clean exit removes every rule.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use mesh_core::admin::ReadyGuard;
@@ -20,6 +24,8 @@ use tracing::{debug, info, warn};
 use crate::certificates::CertificateSource;
 use crate::proxy::outbound::Outbound;
 use crate::proxy::{Context, identity_of, inbound};
+use crate::redirect::netns::NetNs;
+use crate::redirect::{self, PodSockets, rules};
 use crate::state::ip_from_bytes;
 
 /// Outbound connections redirected from a workload (its netns' 15001).
@@ -49,62 +55,127 @@ where
     H: Fn(TcpStream, SocketAddr, SocketAddr) -> F,
     F: Future<Output = ()> + Send + 'static,
 {
-    let local = listener.local_addr().ok();
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
     let drained = drain.signaled();
     tokio::pin!(drained);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
-                Err(error) => { warn!(?local, %error, "accept failed"); continue }
+                Err(error) => { warn!(port, %error, "accept failed"); continue }
             },
             _ = &mut drained => return,
         };
         let _ = stream.set_nodelay(true);
         match original_destination(&stream) {
-            Ok(destination) if Some(destination) != local => {
-                tokio::spawn(handle(stream, peer, destination));
+            // Made to the listener itself, not redirected: carrying it would loop.
+            Ok(destination) if destination.port() == port && stream.local_addr().ok() == Some(destination) => {
+                debug!(%peer, %destination, "connection was not redirected; closing it")
             }
-            Ok(_) => debug!(%peer, ?local, "connection was not redirected; closing it"),
+            Ok(destination) => drop(tokio::spawn(handle(stream, peer, destination))),
             Err(error) => warn!(%peer, %error, "cannot read the original destination; closing"),
         }
     }
 }
 
-/// The three listeners of one workload; fails when any address cannot be bound.
-async fn serve_workload<S: CertificateSource>(
-    context: &Arc<Context<S>>,
-    outbound: &Arc<Outbound<S>>,
-    ip: IpAddr,
-    watch: drain::Watch,
-) -> std::io::Result<()> {
-    let hbone = TcpListener::bind(SocketAddr::new(ip, hbone::PORT)).await?;
-    let plaintext = TcpListener::bind(SocketAddr::new(ip, INBOUND_PLAINTEXT_PORT)).await?;
-    let outgoing = TcpListener::bind(SocketAddr::new(ip, OUTBOUND_PORT)).await?;
+/// Where a workload's listeners go.
+#[derive(Clone, Debug)]
+pub enum Enrolment {
+    Shared,
+    Inpod {
+        sockets: Arc<PodSockets>,
+        netns_dir: PathBuf,
+        mark: u32,
+    },
+}
 
-    let handler_context = context.clone();
-    let handler = move |request| inbound::handle_hbone(handler_context.clone(), request);
-    let server = Server::new(inbound::WorkloadCertificates(context.clone()));
-    tokio::spawn(server.serve(hbone, handler, watch.clone()));
+/// A workload being served.
+struct Enrolled {
+    identity: SpiffeId,
+    signal: drain::Signal,
+    netns: Option<Arc<NetNs>>,
+}
 
-    let inbound_context = context.clone();
-    tokio::spawn(serve_redirected(plaintext, watch.clone(), move |stream, _, target| {
-        inbound::handle_plaintext(inbound_context.clone(), stream, target)
-    }));
+impl Enrolment {
+    /// Opens the three listeners of the workload at `ip` (and in `inpod` mode finds its namespace
+    /// and installs its rules first); the namespace it used, if any.
+    async fn enrol<S: CertificateSource>(
+        &self,
+        context: &Arc<Context<S>>,
+        outbound: &Arc<Outbound<S>>,
+        ip: IpAddr,
+        watch: drain::Watch,
+    ) -> std::io::Result<Option<Arc<NetNs>>> {
+        let (listeners, netns) = match self {
+            Self::Shared => {
+                let bind = |port| TcpListener::bind(SocketAddr::new(ip, port));
+                (
+                    (
+                        bind(hbone::PORT).await?,
+                        bind(INBOUND_PLAINTEXT_PORT).await?,
+                        bind(OUTBOUND_PORT).await?,
+                    ),
+                    None,
+                )
+            }
+            Self::Inpod {
+                sockets,
+                netns_dir,
+                mark,
+            } => {
+                let (directory, mark) = (netns_dir.clone(), *mark);
+                let netns = tokio::task::spawn_blocking(move || {
+                    let netns = NetNs::find_by_ip(ip, &directory)
+                        .ok_or_else(|| std::io::Error::other(format!("no network namespace holds {ip}")))?;
+                    rules::install(&netns, mark)?;
+                    Ok::<_, std::io::Error>(Arc::new(netns))
+                })
+                .await??;
+                let any = SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 0);
+                let bind = |port| redirect::listen_in(&netns, SocketAddr::new(any.ip(), port));
+                let listeners = (bind(hbone::PORT)?, bind(INBOUND_PLAINTEXT_PORT)?, bind(OUTBOUND_PORT)?);
+                sockets.insert(ip, netns.clone());
+                (listeners, Some(netns))
+            }
+        };
+        let (hbone, plaintext, outgoing) = listeners;
 
-    let outbound = outbound.clone();
-    tokio::spawn(serve_redirected(outgoing, watch, move |stream, peer, destination| {
+        let handler_context = context.clone();
+        let handler = move |request| inbound::handle_hbone(handler_context.clone(), request);
+        let server = Server::new(inbound::WorkloadCertificates(context.clone()));
+        tokio::spawn(server.serve(hbone, handler, watch.clone()));
+
+        let inbound_context = context.clone();
+        tokio::spawn(serve_redirected(plaintext, watch.clone(), move |stream, _, target| {
+            inbound::handle_plaintext(inbound_context.clone(), stream, target)
+        }));
+
         let outbound = outbound.clone();
-        async move {
-            match outbound.open(peer, destination).await {
-                // The copying gets a task of its own, sized for it alone.
-                Ok(opened) => drop(tokio::spawn(opened.carry(stream))),
-                // Refusals are logged where they happen; this only adds the final word.
-                Err(error) => debug!(%peer, %destination, %error, "outbound connection failed"),
+        tokio::spawn(serve_redirected(outgoing, watch, move |stream, peer, destination| {
+            let outbound = outbound.clone();
+            async move {
+                match outbound.open(peer, destination).await {
+                    // The copying gets a task of its own, sized for it alone.
+                    Ok(opened) => drop(tokio::spawn(opened.carry(stream))),
+                    // Refusals are logged where they happen; this only adds the final word.
+                    Err(error) => debug!(%peer, %destination, %error, "outbound connection failed"),
+                }
+            }
+        }));
+        Ok(netns)
+    }
+
+    /// Drains a workload's listeners and removes its rules.
+    async fn unenrol(&self, ip: IpAddr, enrolled: Enrolled) {
+        enrolled.signal.drain().await;
+        if let (Self::Inpod { sockets, .. }, Some(netns)) = (self, enrolled.netns) {
+            sockets.remove(ip);
+            let removed = tokio::task::spawn_blocking(move || rules::remove(&netns)).await;
+            if let Ok(Err(error)) = removed {
+                warn!(%ip, %error, "could not remove capture rules");
             }
         }
-    }));
-    Ok(())
+    }
 }
 
 /// Keeps listeners in step with the state until `drain` fires. `certificates_ready` is released
@@ -112,24 +183,26 @@ async fn serve_workload<S: CertificateSource>(
 pub async fn manage<S: CertificateSource>(
     context: Arc<Context<S>>,
     outbound: Arc<Outbound<S>>,
+    enrolment: Enrolment,
     mut changes: watch::Receiver<u64>,
     drain: drain::Watch,
     mut certificates_ready: Option<ReadyGuard>,
 ) {
-    let mut running: BTreeMap<IpAddr, (SpiffeId, drain::Signal)> = BTreeMap::new();
+    let mut running: BTreeMap<IpAddr, Enrolled> = BTreeMap::new();
     let drained = drain.clone().signaled();
     tokio::pin!(drained);
     loop {
         let synced = *changes.borrow_and_update() > 0;
         let wanted = local_workloads(&context);
-        for (ip, (identity, signal)) in running
+        for (ip, enrolled) in running
             .extract_if(.., |ip, _| !wanted.contains_key(ip))
             .collect::<Vec<_>>()
         {
-            info!(%ip, %identity, "workload left this node; draining its listeners");
-            tokio::spawn(signal.drain());
+            info!(%ip, identity = %enrolled.identity, "workload left this node or the mesh; unenrolling it");
+            let enrolment = enrolment.clone();
+            tokio::spawn(async move { enrolment.unenrol(ip, enrolled).await });
         }
-        let kept: BTreeSet<&SpiffeId> = running.values().map(|(id, _)| id).chain(wanted.values()).collect();
+        let kept: BTreeSet<&SpiffeId> = running.values().map(|e| &e.identity).chain(wanted.values()).collect();
         for identity in context.certificates.held().into_iter().map(|(id, _)| id) {
             if !kept.contains(&identity) {
                 context.certificates.forget(&identity);
@@ -140,15 +213,23 @@ pub async fn manage<S: CertificateSource>(
                 continue;
             }
             let (signal, watch) = drain::channel();
-            match serve_workload(&context, &outbound, *ip, watch).await {
-                Ok(()) => {
+            match enrolment.enrol(&context, &outbound, *ip, watch).await {
+                Ok(netns) => {
                     context.certificates.prefetch(identity);
-                    info!(%ip, %identity, "serving a local workload");
-                    running.insert(*ip, (identity.clone(), signal));
+                    let place = netns.as_ref().map(|n| n.path().display().to_string());
+                    info!(%ip, %identity, netns = place.as_deref().unwrap_or("shared"), "enrolled a local workload");
+                    running.insert(
+                        *ip,
+                        Enrolled {
+                            identity: identity.clone(),
+                            signal,
+                            netns,
+                        },
+                    );
                 }
                 Err(error) => {
                     tokio::spawn(signal.drain());
-                    warn!(%ip, %identity, %error, "cannot listen for this workload; retrying on the next change")
+                    warn!(%ip, %identity, %error, "cannot enrol this workload yet; retrying")
                 }
             }
         }
@@ -169,12 +250,18 @@ pub async fn manage<S: CertificateSource>(
                 certificates_ready.take();
             }
         }
+        // A pod whose namespace is not there yet is retried without waiting for a change.
+        let pending = wanted.keys().any(|ip| !running.contains_key(ip));
         tokio::select! {
             changed = changes.changed() => if changed.is_err() { break },
+            () = tokio::time::sleep(RETRY_INTERVAL), if pending => {}
             _ = &mut drained => break,
         }
     }
-    for (_, (_, signal)) in running {
-        signal.drain().await;
+    for (ip, enrolled) in running {
+        enrolment.unenrol(ip, enrolled).await;
     }
 }
+
+/// How often enrolment is retried for workloads that could not be enrolled.
+const RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);

@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 
 use mesh_core::identity::SpiffeId;
-use mesh_core::net::Connector;
+use mesh_core::net::{Connector, SocketFactory};
 use mesh_core::proto::workload::Workload;
 
 use crate::certificates::CertificateManager;
@@ -29,8 +29,9 @@ pub struct Context<S> {
     pub metrics: metrics::TcpMetrics,
     /// Inbound connections open now, re-checked when policy changes.
     pub connections: Arc<connection::OpenConnections>,
-    /// Opens connections to apps and peers (marked so capture rules skip them).
-    pub connector: Connector,
+    /// Creates the sockets of connections to apps and peers (in the right pod's namespace,
+    /// marked so capture rules skip them).
+    pub sockets: Arc<dyn SocketFactory>,
 }
 
 impl<S> Context<S> {
@@ -42,7 +43,7 @@ impl<S> Context<S> {
             network: network.to_owned(),
             metrics: metrics::TcpMetrics::default(),
             connections: Arc::default(),
-            connector: Connector::default(),
+            sockets: Connector::default().shared(),
         }
     }
 

@@ -16,7 +16,7 @@ use tracing::debug;
 
 use super::{H2Settings, H2Stream, HANDSHAKE_TIMEOUT, HboneError, Transport, transport};
 use crate::identity::{SpiffeId, WorkloadCertificate, tls};
-use crate::net::Connector;
+use crate::net::{self, Connector, SocketFactory};
 
 /// Which connections may carry a stream: same client identity, same expected server identity,
 /// same address.
@@ -29,15 +29,15 @@ pub struct PoolKey {
     pub source_address: Option<IpAddr>,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct PoolConfig {
     /// Streams one connection carries before the pool opens another.
     pub max_streams_per_connection: usize,
     /// A connection with no stream for this long is closed.
     pub idle_timeout: Duration,
     pub settings: H2Settings,
-    /// Opens the TCP connections (marked when the capture rules need it).
-    pub connector: Connector,
+    /// Creates the TCP sockets (in the right namespace, marked when capture rules need it).
+    pub sockets: Arc<dyn SocketFactory>,
 }
 
 impl Default for PoolConfig {
@@ -46,7 +46,7 @@ impl Default for PoolConfig {
             max_streams_per_connection: 100,
             idle_timeout: Duration::from_secs(30),
             settings: H2Settings::default(),
-            connector: Connector::default(),
+            sockets: Connector::default().shared(),
         }
     }
 }
@@ -210,11 +210,10 @@ impl Pool {
 
     async fn dial(&self, key: &PoolKey, certificate: &WorkloadCertificate) -> Result<Connection, HboneError> {
         let address = key.address;
-        let (settings, connector) = (self.inner.config.settings, self.inner.config.connector);
+        let (settings, sockets) = (self.inner.config.settings, self.inner.config.sockets.clone());
         let tls_config = Arc::new(tls::client_config(certificate, vec![key.destination.clone()])?);
         let handshake = async {
-            let tcp = connector
-                .connect(address, key.source_address)
+            let tcp = net::connect(&*sockets, address, key.source_address)
                 .await
                 .map_err(|source| HboneError::Connect { address, source })?;
             let tls = tokio_rustls::TlsConnector::from(tls_config)

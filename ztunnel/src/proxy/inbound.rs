@@ -139,7 +139,7 @@ async fn serve<S: CertificateSource>(
         description.refused(&context.metrics, ResponseFlags::Denied, &format!("denied: {denied}"));
         return client.refuse(StatusCode::UNAUTHORIZED);
     }
-    let app = match context.connector.connect(target, None).await {
+    let app = match mesh_core::net::connect(&*context.sockets, target, None).await {
         Ok(app) => app,
         Err(error) => {
             let reason = format!("app refused the connection: {error}");

@@ -290,18 +290,20 @@ impl<S: CertificateSource> Outbound<S> {
             error
         };
         let upstream = match route {
-            Route::Direct { target, .. } => match self.context.connector.connect(target, None).await {
-                Ok(upstream) => Upstream::Tcp(upstream),
-                Err(source) => {
-                    return Err(refuse(
-                        description,
-                        OutboundError::Connect {
-                            address: target,
-                            source,
-                        },
-                    ));
+            Route::Direct { target, .. } => {
+                match mesh_core::net::connect(&*self.context.sockets, target, Some(source.ip())).await {
+                    Ok(upstream) => Upstream::Tcp(upstream),
+                    Err(source) => {
+                        return Err(refuse(
+                            description,
+                            OutboundError::Connect {
+                                address: target,
+                                source,
+                            },
+                        ));
+                    }
                 }
-            },
+            }
             Route::Hbone {
                 gateway,
                 target,

@@ -1,0 +1,4 @@
+//! The local lab: the mesh on one Linux machine, each node and each pod a network namespace.
+//! [`topology`] creates the namespaces and wires them; the runner builds on it.
+
+pub mod topology;
