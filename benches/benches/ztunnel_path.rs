@@ -16,8 +16,8 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use benches::process::{self, Process};
 use benches::{Report, arg};
+use mesh_lab::component::{self as process, Process};
 use mesh_tests::lab::{CAPTURE_MARK, capture_pods, demo_manifests, http_get};
 use mesh_tests::netns;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

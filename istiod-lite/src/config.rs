@@ -66,7 +66,7 @@ pub struct Config {
     /// xDS and CA over TLS, with a serving certificate from this CA.
     #[arg(long, env = "ISTIOD_XDS_ADDR", default_value = "0.0.0.0:15012")]
     pub xds_addr: SocketAddr,
-    /// DNS names in the serving certificate of the TLS port (comma-separated).
+    /// DNS names (or IP addresses) in the serving certificate of the TLS port (comma-separated).
     #[arg(
         long,
         env = "ISTIOD_DNS_NAMES",

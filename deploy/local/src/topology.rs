@@ -42,6 +42,8 @@ pub fn run(program: &str, args: &[&str], input: Option<&str>) -> anyhow::Result<
 #[derive(Debug)]
 pub struct Namespace {
     name: String,
+    /// Deleted on drop; false once [`Namespace::keep`] hands it to someone else (a state file).
+    owned: bool,
 }
 
 impl Namespace {
@@ -49,9 +51,41 @@ impl Namespace {
     pub fn create(name: &str) -> anyhow::Result<Self> {
         let _ = run("ip", &["netns", "del", name], None);
         run("ip", &["netns", "add", name], None)?;
-        let namespace = Self { name: name.to_owned() };
+        let namespace = Self {
+            name: name.to_owned(),
+            owned: true,
+        };
         namespace.ip(&["link", "set", "lo", "up"])?;
         Ok(namespace)
+    }
+
+    /// A namespace that already exists (made by someone else); never deleted by this value.
+    pub fn existing(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            owned: false,
+        }
+    }
+
+    /// Keeps the namespace when this value is dropped: its owner deletes it later.
+    pub fn keep(mut self) -> Self {
+        self.owned = false;
+        self
+    }
+
+    /// Deletes a namespace by name (no error if it is gone).
+    pub fn delete(name: &str) {
+        let _ = run("ip", &["netns", "del", name], None);
+    }
+
+    /// The named namespaces that exist now.
+    pub fn list() -> Vec<String> {
+        std::fs::read_dir(NETNS_DIR)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
     }
 
     pub fn name(&self) -> &str {
@@ -143,6 +177,8 @@ pub fn enable_forwarding(node: Option<&Namespace>) -> anyhow::Result<()> {
 
 impl Drop for Namespace {
     fn drop(&mut self) {
-        let _ = run("ip", &["netns", "del", &self.name], None);
+        if self.owned {
+            Self::delete(&self.name);
+        }
     }
 }

@@ -149,8 +149,8 @@ impl Authority {
         self.issue_with_dns_names(identity, &[], not_before, not_after)
     }
 
-    /// Like [`Authority::issue`], with DNS names as well: for a server that clients reach by
-    /// name (istiod-lite's own TLS port).
+    /// Like [`Authority::issue`], with DNS names (or IP addresses) as well: for a server that
+    /// clients reach by name or address (istiod-lite's own TLS port).
     pub fn issue_with_dns_names(
         &self,
         identity: &SpiffeId,
@@ -161,6 +161,11 @@ impl Authority {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(AuthorityError::Generate)?;
         let mut params = workload_params(identity, not_before, not_after)?;
         for name in dns_names {
+            // A server reached by address (a lab, a node port) needs an IP SAN instead.
+            if let Ok(ip) = name.parse::<std::net::IpAddr>() {
+                params.subject_alt_names.push(SanType::IpAddress(ip));
+                continue;
+            }
             let name = name.clone().try_into().map_err(|source| AuthorityError::Sign {
                 identity: identity.to_string(),
                 source,

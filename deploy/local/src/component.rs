@@ -1,14 +1,14 @@
-//! Components in processes of their own: a benchmark re-runs its own binary with
-//! [`ROLE_FLAG`] to run istiod-lite or ztunnel, so their CPU time and memory are measured apart
-//! from the load generator's.
+//! Components in processes of their own: a program (the lab runner, a benchmark, a test) re-runs
+//! its own binary with [`ROLE_FLAG`] to run istiod-lite or ztunnel, so each lives in the network
+//! namespace it is started in and is measured, stopped and restarted on its own.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 
 use clap::Parser;
 
-/// `<bench binary> --bench-role <istiod-lite|ztunnel> <flags…>` runs that component.
-pub const ROLE_FLAG: &str = "--bench-role";
+/// `<binary> --mesh-role <istiod-lite|ztunnel|echo> <flags…>` runs that component.
+pub const ROLE_FLAG: &str = "--mesh-role";
 
 /// Runs the component when this process was started as one; `None` for the benchmark itself.
 /// Call it first in `main`.
@@ -17,6 +17,13 @@ pub fn run_role_if_asked() -> Option<anyhow::Result<()>> {
     let at = args.iter().position(|a| a == ROLE_FLAG)?;
     let role = args.get(at + 1)?.clone();
     let flags = std::iter::once(role.clone()).chain(args[at + 2..].iter().cloned());
+    if role == "echo" {
+        return Some(
+            EchoArgs::try_parse_from(flags)
+                .map_err(Into::into)
+                .and_then(|a| crate::runner::serve_echo(a.listen, a.name)),
+        );
+    }
     let mut builder = match std::env::var("BENCH_WORKER_THREADS")
         .ok()
         .and_then(|n| n.parse::<usize>().ok())
@@ -51,6 +58,15 @@ pub fn run_role_if_asked() -> Option<anyhow::Result<()>> {
     }))
 }
 
+/// The lab's echo app: answers `<name>: ` and then echoes.
+#[derive(Debug, clap::Parser)]
+struct EchoArgs {
+    #[arg(long)]
+    listen: std::net::SocketAddr,
+    #[arg(long)]
+    name: String,
+}
+
 /// A component running in a child process; killed when dropped.
 #[derive(Debug)]
 pub struct Process {
@@ -63,13 +79,18 @@ const TICKS_PER_SECOND: f64 = 100.0;
 impl Process {
     /// Starts `role` with `flags`; its stdout is piped (for the caller to read) or discarded.
     pub fn spawn(role: &str, flags: &[String], pipe_stdout: bool) -> anyhow::Result<Self> {
-        let child = Command::new(std::env::current_exe()?)
-            .arg(ROLE_FLAG)
-            .arg(role)
-            .args(flags)
-            .stdout(if pipe_stdout { Stdio::piped() } else { Stdio::null() })
-            .spawn()?;
+        let stdout = if pipe_stdout { Stdio::piped() } else { Stdio::null() };
+        Self::spawn_with(Command::new(std::env::current_exe()?), role, flags, stdout)
+    }
+
+    /// Starts `role` with `flags` through `command` (`ip netns exec <ns> <this binary>`, say).
+    pub fn spawn_with(mut command: Command, role: &str, flags: &[String], stdout: Stdio) -> anyhow::Result<Self> {
+        let child = command.arg(ROLE_FLAG).arg(role).args(flags).stdout(stdout).spawn()?;
         Ok(Self { child })
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child.id()
     }
 
     fn status_kib(&self, field: &str) -> anyhow::Result<f64> {

@@ -1,0 +1,388 @@
+//! Brings the lab up and down. `lab-net` holds the cluster network (a bridge the nodes hang
+//! off), each node and each pod is a namespace of its own, istiod-lite runs in `lab-net` on the
+//! manifests, a ztunnel (in-pod mode) in each node, each pod's app in its pod. Everything created
+//! is written to a state file first, so `down` removes all of it, also after a crash.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, ensure};
+use serde::{Deserialize, Serialize};
+
+use crate::component::Process;
+use crate::plan::{Pod, Topology};
+use crate::topology::{self, Namespace};
+
+/// Every namespace the lab makes starts with this, so `down` can find leftovers by name.
+pub const PREFIX: &str = "mlab-";
+pub const NETWORK: &str = "mlab-net";
+/// Where the lab keeps its state, logs, CA and configuration by default.
+pub const DEFAULT_DIR: &str = "/var/run/mesh-lab";
+
+pub fn node_namespace(node: &str) -> String {
+    format!("{PREFIX}{node}")
+}
+
+pub fn pod_namespace(namespace: &str, name: &str) -> String {
+    format!("{PREFIX}pod-{namespace}-{name}")
+}
+
+/// What `down` must undo.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct State {
+    namespaces: Vec<String>,
+    pids: Vec<u32>,
+}
+
+impl State {
+    fn path(dir: &Path) -> PathBuf {
+        dir.join("state.json")
+    }
+
+    fn save(&self, dir: &Path) -> anyhow::Result<()> {
+        let path = Self::path(dir);
+        let temporary = path.with_extension("tmp");
+        std::fs::write(&temporary, serde_json::to_vec_pretty(self)?)?;
+        std::fs::rename(temporary, path)?;
+        Ok(())
+    }
+
+    fn load(dir: &Path) -> Option<Self> {
+        serde_json::from_slice(&std::fs::read(Self::path(dir)).ok()?).ok()
+    }
+}
+
+/// Where the lab's files are and what it runs.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub topology: PathBuf,
+    pub manifests: PathBuf,
+    pub dir: PathBuf,
+}
+
+/// The lab while it runs.
+#[derive(Debug)]
+pub struct Lab {
+    pub dir: PathBuf,
+    pub topology: Topology,
+    pub pods: Vec<Pod>,
+    state: State,
+    processes: Vec<(String, Process)>,
+}
+
+/// Root is needed for namespaces, links and nftables; say so plainly.
+pub fn require_root() -> anyhow::Result<()> {
+    ensure!(
+        nix::unistd::Uid::effective().is_root(),
+        "the lab creates network namespaces, links and nftables rules: run it as root (sudo)"
+    );
+    Ok(())
+}
+
+impl Lab {
+    /// Builds the network, starts istiod-lite, the ztunnels and the apps, and waits until every
+    /// ztunnel is ready (its pods enrolled, their certificates in). Whatever was left of an earlier
+    /// lab is removed first.
+    pub fn up(options: &Options) -> anyhow::Result<Self> {
+        require_root()?;
+        let topology = Topology::load(&options.topology)?;
+        let pods = topology.pods(&options.manifests)?;
+        down(&options.dir)?;
+        for sub in ["config", "ca", "tokens", "logs"] {
+            std::fs::create_dir_all(options.dir.join(sub))?;
+        }
+        for entry in std::fs::read_dir(&options.manifests)?.flatten() {
+            std::fs::copy(entry.path(), options.dir.join("config").join(entry.file_name()))?;
+        }
+        let mut lab = Self {
+            dir: options.dir.clone(),
+            topology,
+            pods,
+            state: State::default(),
+            processes: Vec::new(),
+        };
+        let result = lab.build().and_then(|()| lab.start());
+        if let Err(error) = result {
+            let _ = lab.down();
+            return Err(error);
+        }
+        Ok(lab)
+    }
+
+    fn namespace(&mut self, name: &str) -> anyhow::Result<Namespace> {
+        self.state.namespaces.push(name.to_owned());
+        self.state.save(&self.dir)?;
+        Ok(Namespace::create(name)?.keep())
+    }
+
+    fn build(&mut self) -> anyhow::Result<()> {
+        let network = self.namespace(NETWORK)?;
+        let bridge_cidr = self.topology.bridge.clone();
+        let (bridge, prefix) = bridge_cidr.split_once('/').context("bridge is a.b.c.d/len")?;
+        network.ip(&["link", "add", "br0", "type", "bridge"])?;
+        network.ip(&["addr", "add", &format!("{bridge}/{prefix}"), "dev", "br0"])?;
+        network.ip(&[
+            "addr",
+            "add",
+            &format!("{}/{prefix}", self.topology.controller),
+            "dev",
+            "br0",
+        ])?;
+        network.ip(&["link", "set", "br0", "up"])?;
+        let topology = self.topology.clone();
+        for (index, node) in topology.nodes.iter().enumerate() {
+            let namespace = self.namespace(&node_namespace(&node.name))?;
+            let link = format!("n{}", index + 1);
+            network.ip(&[
+                "link",
+                "add",
+                &link,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                namespace.name(),
+            ])?;
+            network.ip(&["link", "set", &link, "master", "br0", "up"])?;
+            namespace.ip(&["addr", "add", &format!("{}/{prefix}", node.address), "dev", "eth0"])?;
+            namespace.ip(&["link", "set", "eth0", "up"])?;
+            topology::enable_forwarding(Some(&namespace))?;
+            for other in topology.nodes.iter().filter(|o| o.name != node.name) {
+                namespace.ip(&["route", "add", &other.pod_cidr, "via", &other.address.to_string()])?;
+            }
+        }
+        for (index, pod) in self.pods.clone().iter().enumerate() {
+            let namespace = self.namespace(&pod_namespace(&pod.namespace, &pod.name))?;
+            let node = Namespace::existing(&node_namespace(&pod.node));
+            topology::attach(Some(&node), &namespace, &format!("p{index}"), pod.ip)?;
+        }
+        Ok(())
+    }
+
+    /// Starts `role` with `flags` inside `namespace`, its output in `logs/<name>.log`.
+    fn spawn(&mut self, name: &str, namespace: &str, role: &str, flags: &[String]) -> anyhow::Result<()> {
+        let log = File::create(self.dir.join("logs").join(format!("{name}.log")))?;
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", namespace])
+            .arg(std::env::current_exe()?)
+            .env("LOG_FORMAT", "json")
+            .stderr(log.try_clone()?);
+        let process = Process::spawn_with(command, role, flags, Stdio::from(log))?;
+        self.state.pids.push(process.id());
+        self.state.save(&self.dir)?;
+        self.processes.push((name.to_owned(), process));
+        Ok(())
+    }
+
+    fn path(&self, sub: &str) -> String {
+        self.dir.join(sub).display().to_string()
+    }
+
+    fn start(&mut self) -> anyhow::Result<()> {
+        for node in &self.topology.nodes {
+            std::fs::write(
+                self.dir.join("tokens").join(&node.name),
+                format!("lab-token-{}\n", node.name),
+            )?;
+        }
+        let controller = self.topology.controller;
+        let flags = [
+            format!("--config-dir={}", self.path("config")),
+            format!("--ca-dir={}", self.path("ca")),
+            format!("--node-tokens-dir={}", self.path("tokens")),
+            "--xds-plaintext-addr=127.0.0.1:15010".into(),
+            format!("--xds-addr={controller}:15012"),
+            format!("--dns-names={controller}"),
+            "--admin-addr=127.0.0.1:15000".into(),
+            format!("--metrics-addr={controller}:15014"),
+            format!("--readiness-addr={controller}:15021"),
+        ];
+        self.spawn("istiod-lite", NETWORK, "istiod-lite", &flags)?;
+        wait_ready(NETWORK, SocketAddr::from((controller, 15021)), "istiod-lite")?;
+        for node in self.topology.nodes.clone() {
+            let flags = [
+                format!("--node-name={}", node.name),
+                format!("--xds-address=https://{controller}:15012"),
+                format!("--root-cert={}", self.path("ca/root-cert.pem")),
+                format!("--token-file={}", self.path(&format!("tokens/{}", node.name))),
+                "--redirect=inpod".into(),
+                format!("--netns-dir={}", topology::NETNS_DIR),
+                "--admin-addr=127.0.0.1:15000".into(),
+                format!("--metrics-addr={}:15020", node.address),
+                format!("--readiness-addr={}:15021", node.address),
+                "--drain-deadline=2s".into(),
+            ];
+            self.spawn(
+                &format!("ztunnel-{}", node.name),
+                &node_namespace(&node.name),
+                "ztunnel",
+                &flags,
+            )?;
+        }
+        for pod in self.pods.clone() {
+            for port in &pod.echo_ports {
+                let flags = [format!("--listen={}:{port}", pod.ip), format!("--name={}", pod.name)];
+                let name = format!("app-{}-{}-{port}", pod.namespace, pod.name);
+                self.spawn(&name, &pod_namespace(&pod.namespace, &pod.name), "echo", &flags)?;
+            }
+        }
+        for node in &self.topology.nodes {
+            let readiness = SocketAddr::from((node.address, 15021));
+            wait_ready(NETWORK, readiness, &format!("ztunnel on {}", node.name))?;
+        }
+        Ok(())
+    }
+
+    /// The pod called `namespace/name`.
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&Pod> {
+        self.pods.iter().find(|p| p.namespace == namespace && p.name == name)
+    }
+
+    /// Stops every process (ztunnels first and gently, so they remove their rules) and removes
+    /// every namespace.
+    pub fn down(mut self) -> anyhow::Result<()> {
+        for (name, process) in &mut self.processes {
+            if name.starts_with("ztunnel") {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(process.id() as i32),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for (name, process) in &mut self.processes {
+            while name.starts_with("ztunnel") && Instant::now() < deadline {
+                if process.child.try_wait().ok().flatten().is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        self.processes.clear();
+        down(&self.dir).map(drop)
+    }
+
+    /// Restarts the ztunnel of `node` the hard way (SIGKILL, as a crash): its rules stay behind.
+    pub fn crash_ztunnel(&mut self, node: &str) -> anyhow::Result<()> {
+        let name = format!("ztunnel-{node}");
+        let at = self
+            .processes
+            .iter()
+            .position(|(n, _)| *n == name)
+            .with_context(|| format!("no ztunnel on {node}"))?;
+        let (_, mut process) = self.processes.remove(at);
+        process.stop();
+        Ok(())
+    }
+}
+
+/// Removes what the state file in `dir` lists, then any namespace named like the lab's, then the
+/// directory. What it removed, for the record.
+pub fn down(dir: &Path) -> anyhow::Result<Vec<String>> {
+    let mut removed = Vec::new();
+    let state = State::load(dir).unwrap_or_default();
+    for pid in &state.pids {
+        let pid = nix::unistd::Pid::from_raw(*pid as i32);
+        if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).is_ok() {
+            removed.push(format!("process {pid}"));
+        }
+    }
+    // Pods before nodes before the network: a veth goes with the namespace at either end.
+    let mut names: Vec<String> = state
+        .namespaces
+        .into_iter()
+        .chain(Namespace::list().into_iter().filter(|n| n.starts_with(PREFIX)))
+        .collect();
+    names.sort_by_key(|n| (!n.contains("-pod-"), n == NETWORK, n.clone()));
+    names.dedup();
+    for name in names {
+        if Namespace::list().contains(&name) {
+            Namespace::delete(&name);
+            removed.push(format!("namespace {name}"));
+        }
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("remove {}", dir.display()))?;
+    }
+    Ok(removed)
+}
+
+/// A GET from inside `namespace` (blocking): status and body.
+pub fn http_get(namespace: &str, address: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let path = path.to_owned();
+    Namespace::existing(namespace).run(move || -> anyhow::Result<(u16, String)> {
+        let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(2))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.write_all(format!("GET {path} HTTP/1.1\r\nhost: lab\r\nconnection: close\r\n\r\n").as_bytes())?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let status = response.get(9..12).unwrap_or("0").parse()?;
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        Ok((status, body))
+    })?
+}
+
+fn wait_ready(namespace: &str, address: SocketAddr, what: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match http_get(namespace, address, "/healthz/ready") {
+            Ok((200, _)) => return Ok(()),
+            Ok((_, body)) if Instant::now() >= deadline => {
+                anyhow::bail!("{what} not ready within 60s: {}", body.trim())
+            }
+            Err(error) if Instant::now() >= deadline => anyhow::bail!("{what} not ready within 60s: {error:#}"),
+            _ => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// Connects from inside a pod's namespace, sends `data`, half-closes and reads the answer to its
+/// end (blocking). An empty answer means the connection was refused or closed.
+pub fn exchange(pod_namespace: &str, destination: SocketAddr, data: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let data = data.to_vec();
+    Namespace::existing(pod_namespace).run(move || -> anyhow::Result<Vec<u8>> {
+        let mut stream = TcpStream::connect_timeout(&destination, Duration::from_secs(3))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        // A refusal may reset the connection under our writes: what was read tells.
+        let _ = stream.write_all(&data);
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        Ok(answer)
+    })?
+}
+
+/// The lab's own address for a node's endpoint.
+pub fn node_endpoint(topology: &Topology, node: &str, port: u16) -> Option<SocketAddr> {
+    topology.node(node).map(|n| SocketAddr::from((n.address, port)))
+}
+
+/// The echo app: greets with `name`, then echoes, on `listen` (one thread per connection).
+pub fn serve_echo(listen: SocketAddr, name: String) -> anyhow::Result<()> {
+    let listener = std::net::TcpListener::bind(listen).with_context(|| format!("--listen {listen}"))?;
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        let name = name.clone();
+        std::thread::spawn(move || {
+            let _ = stream.write_all(format!("{name}: ").as_bytes());
+            let mut buffer = [0u8; 16 * 1024];
+            while let Ok(n @ 1..) = stream.read(&mut buffer) {
+                if stream.write_all(&buffer[..n]).is_err() {
+                    break;
+                }
+            }
+            let _ = stream.shutdown(std::net::Shutdown::Write);
+        });
+    }
+    Ok(())
+}
