@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 
-use crate::runner::{Lab, NETWORK, exchange, http_get, pod_namespace};
+use crate::runner::{Lab, exchange, http_get};
 
 /// One connection the demo makes.
 struct Call {
@@ -40,7 +40,8 @@ pub fn run(lab: &Lab) -> anyhow::Result<String> {
     let mut out = String::new();
     writeln!(
         out,
-        "\n== The mesh is up: istiod-lite in {NETWORK} ({}), a ztunnel in each of {} nodes, {} pods",
+        "\n== The mesh is up: istiod-lite in {} ({}), a ztunnel in each of {} nodes, {} pods",
+        lab.names.network(),
         lab.topology.controller,
         lab.topology.nodes.len(),
         lab.pods.len()
@@ -50,7 +51,7 @@ pub fn run(lab: &Lab) -> anyhow::Result<String> {
         "\n== Traffic (each pod's app connects to a plain address; it knows nothing of the mesh)"
     )?;
     for call in calls() {
-        let answer = exchange(&pod_namespace(call.from.0, call.from.1), call.address, b"hello")?;
+        let answer = exchange(&lab.names.pod(call.from.0, call.from.1), call.address, b"hello")?;
         let answer = String::from_utf8_lossy(&answer);
         let outcome = match answer.split_once(": ") {
             Some((who, _)) => format!("answered by {who}"),
@@ -63,6 +64,8 @@ pub fn run(lab: &Lab) -> anyhow::Result<String> {
             call.from.0, call.from.1, call.to, call.address
         )?;
     }
+    // A connection's log line is written as it closes: give the last ones a moment.
+    std::thread::sleep(std::time::Duration::from_millis(300));
     writeln!(out, "\n== What the ztunnels saw (one access-log line per connection)")?;
     for node in &lab.topology.nodes {
         let log = std::fs::read_to_string(lab.dir.join("logs").join(format!("ztunnel-{}.log", node.name)))
@@ -95,9 +98,13 @@ pub fn run(lab: &Lab) -> anyhow::Result<String> {
     }
     writeln!(out, "\n== Metrics: istio_tcp_connections_opened_total")?;
     for node in &lab.topology.nodes {
-        let metrics = http_get(NETWORK, SocketAddr::from((node.address, 15020)), "/metrics")
-            .map(|(_, body)| body)
-            .unwrap_or_default();
+        let metrics = http_get(
+            &lab.names.network(),
+            SocketAddr::from((node.address, 15020)),
+            "/metrics",
+        )
+        .map(|(_, body)| body)
+        .unwrap_or_default();
         for line in metrics
             .lines()
             .filter(|l| l.starts_with("istio_tcp_connections_opened_total{"))

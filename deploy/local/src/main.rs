@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use mesh_lab::runner::{self, Lab, Options};
+use mesh_lab::runner::{self, Lab, Names, Options};
 use mesh_lab::{component, demo};
 
 /// Runs the mesh on this machine: a network namespace per node and per pod, istiod-lite on the
@@ -52,6 +52,9 @@ fn main() -> anyhow::Result<()> {
                 topology: files.topology,
                 manifests: files.manifests,
                 dir: files.dir,
+                names: Names {
+                    prefix: runner::DEFAULT_PREFIX.into(),
+                },
             };
             println!("Bringing the lab up (state and logs in {})…", options.dir.display());
             let lab = Lab::up(&options)?;
@@ -76,7 +79,10 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Down { dir } => {
             runner::require_root()?;
-            let removed = runner::down(&dir)?;
+            let names = Names {
+                prefix: runner::DEFAULT_PREFIX.into(),
+            };
+            let removed = runner::down(&dir, &names)?;
             if removed.is_empty() {
                 println!("Nothing to remove.");
             }

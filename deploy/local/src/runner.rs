@@ -17,23 +17,36 @@ use crate::component::Process;
 use crate::plan::{Pod, Topology};
 use crate::topology::{self, Namespace};
 
-/// Every namespace the lab makes starts with this, so `down` can find leftovers by name.
-pub const PREFIX: &str = "mlab-";
-pub const NETWORK: &str = "mlab-net";
+/// Every namespace the lab makes starts with its prefix, so `down` can find leftovers by name.
+pub const DEFAULT_PREFIX: &str = "mlab-";
 /// Where the lab keeps its state, logs, CA and configuration by default.
 pub const DEFAULT_DIR: &str = "/var/run/mesh-lab";
 
-pub fn node_namespace(node: &str) -> String {
-    format!("{PREFIX}{node}")
+/// The names of a lab's namespaces.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Names {
+    pub prefix: String,
 }
 
-pub fn pod_namespace(namespace: &str, name: &str) -> String {
-    format!("{PREFIX}pod-{namespace}-{name}")
+impl Names {
+    /// The namespace of the cluster network (the bridge, istiod-lite).
+    pub fn network(&self) -> String {
+        format!("{}net", self.prefix)
+    }
+
+    pub fn node(&self, node: &str) -> String {
+        format!("{}{node}", self.prefix)
+    }
+
+    pub fn pod(&self, namespace: &str, name: &str) -> String {
+        format!("{}pod-{namespace}-{name}", self.prefix)
+    }
 }
 
 /// What `down` must undo.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct State {
+    prefix: String,
     namespaces: Vec<String>,
     pids: Vec<u32>,
 }
@@ -62,12 +75,14 @@ pub struct Options {
     pub topology: PathBuf,
     pub manifests: PathBuf,
     pub dir: PathBuf,
+    pub names: Names,
 }
 
 /// The lab while it runs.
 #[derive(Debug)]
 pub struct Lab {
     pub dir: PathBuf,
+    pub names: Names,
     pub topology: Topology,
     pub pods: Vec<Pod>,
     state: State,
@@ -91,7 +106,7 @@ impl Lab {
         require_root()?;
         let topology = Topology::load(&options.topology)?;
         let pods = topology.pods(&options.manifests)?;
-        down(&options.dir)?;
+        down(&options.dir, &options.names)?;
         for sub in ["config", "ca", "tokens", "logs"] {
             std::fs::create_dir_all(options.dir.join(sub))?;
         }
@@ -100,9 +115,13 @@ impl Lab {
         }
         let mut lab = Self {
             dir: options.dir.clone(),
+            names: options.names.clone(),
             topology,
             pods,
-            state: State::default(),
+            state: State {
+                prefix: options.names.prefix.clone(),
+                ..State::default()
+            },
             processes: Vec::new(),
         };
         let result = lab.build().and_then(|()| lab.start());
@@ -120,7 +139,7 @@ impl Lab {
     }
 
     fn build(&mut self) -> anyhow::Result<()> {
-        let network = self.namespace(NETWORK)?;
+        let network = self.namespace(&self.names.network())?;
         let bridge_cidr = self.topology.bridge.clone();
         let (bridge, prefix) = bridge_cidr.split_once('/').context("bridge is a.b.c.d/len")?;
         network.ip(&["link", "add", "br0", "type", "bridge"])?;
@@ -135,7 +154,7 @@ impl Lab {
         network.ip(&["link", "set", "br0", "up"])?;
         let topology = self.topology.clone();
         for (index, node) in topology.nodes.iter().enumerate() {
-            let namespace = self.namespace(&node_namespace(&node.name))?;
+            let namespace = self.namespace(&self.names.node(&node.name))?;
             let link = format!("n{}", index + 1);
             network.ip(&[
                 "link",
@@ -158,8 +177,8 @@ impl Lab {
             }
         }
         for (index, pod) in self.pods.clone().iter().enumerate() {
-            let namespace = self.namespace(&pod_namespace(&pod.namespace, &pod.name))?;
-            let node = Namespace::existing(&node_namespace(&pod.node));
+            let namespace = self.namespace(&self.names.pod(&pod.namespace, &pod.name))?;
+            let node = Namespace::existing(&self.names.node(&pod.node));
             topology::attach(Some(&node), &namespace, &format!("p{index}"), pod.ip)?;
         }
         Ok(())
@@ -167,7 +186,11 @@ impl Lab {
 
     /// Starts `role` with `flags` inside `namespace`, its output in `logs/<name>.log`.
     fn spawn(&mut self, name: &str, namespace: &str, role: &str, flags: &[String]) -> anyhow::Result<()> {
-        let log = File::create(self.dir.join("logs").join(format!("{name}.log")))?;
+        // Appended to: a restarted component keeps its predecessor's lines.
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("logs").join(format!("{name}.log")))?;
         let mut command = Command::new("ip");
         command
             .args(["netns", "exec", namespace])
@@ -204,39 +227,46 @@ impl Lab {
             format!("--metrics-addr={controller}:15014"),
             format!("--readiness-addr={controller}:15021"),
         ];
-        self.spawn("istiod-lite", NETWORK, "istiod-lite", &flags)?;
-        wait_ready(NETWORK, SocketAddr::from((controller, 15021)), "istiod-lite")?;
+        let network = self.names.network();
+        self.spawn("istiod-lite", &network, "istiod-lite", &flags)?;
+        wait_ready(&network, SocketAddr::from((controller, 15021)), "istiod-lite")?;
         for node in self.topology.nodes.clone() {
-            let flags = [
-                format!("--node-name={}", node.name),
-                format!("--xds-address=https://{controller}:15012"),
-                format!("--root-cert={}", self.path("ca/root-cert.pem")),
-                format!("--token-file={}", self.path(&format!("tokens/{}", node.name))),
-                "--redirect=inpod".into(),
-                format!("--netns-dir={}", topology::NETNS_DIR),
-                "--admin-addr=127.0.0.1:15000".into(),
-                format!("--metrics-addr={}:15020", node.address),
-                format!("--readiness-addr={}:15021", node.address),
-                "--drain-deadline=2s".into(),
-            ];
-            self.spawn(
-                &format!("ztunnel-{}", node.name),
-                &node_namespace(&node.name),
-                "ztunnel",
-                &flags,
-            )?;
+            self.start_ztunnel(&node)?;
         }
         for pod in self.pods.clone() {
             for port in &pod.echo_ports {
                 let flags = [format!("--listen={}:{port}", pod.ip), format!("--name={}", pod.name)];
                 let name = format!("app-{}-{}-{port}", pod.namespace, pod.name);
-                self.spawn(&name, &pod_namespace(&pod.namespace, &pod.name), "echo", &flags)?;
+                self.spawn(&name, &self.names.pod(&pod.namespace, &pod.name), "echo", &flags)?;
             }
         }
         for node in &self.topology.nodes {
             let readiness = SocketAddr::from((node.address, 15021));
-            wait_ready(NETWORK, readiness, &format!("ztunnel on {}", node.name))?;
+            wait_ready(&network, readiness, &format!("ztunnel on {}", node.name))?;
         }
+        Ok(())
+    }
+
+    fn start_ztunnel(&mut self, node: &crate::plan::Node) -> anyhow::Result<()> {
+        let controller = self.topology.controller;
+        let flags = [
+            format!("--node-name={}", node.name),
+            format!("--xds-address=https://{controller}:15012"),
+            format!("--root-cert={}", self.path("ca/root-cert.pem")),
+            format!("--token-file={}", self.path(&format!("tokens/{}", node.name))),
+            "--redirect=inpod".into(),
+            format!("--netns-dir={}", topology::NETNS_DIR),
+            "--admin-addr=127.0.0.1:15000".into(),
+            format!("--metrics-addr={}:15020", node.address),
+            format!("--readiness-addr={}:15021", node.address),
+            "--drain-deadline=2s".into(),
+        ];
+        self.spawn(
+            &format!("ztunnel-{}", node.name),
+            &self.names.node(&node.name),
+            "ztunnel",
+            &flags,
+        )?;
         Ok(())
     }
 
@@ -266,7 +296,7 @@ impl Lab {
             }
         }
         self.processes.clear();
-        down(&self.dir).map(drop)
+        down(&self.dir, &self.names).map(drop)
     }
 
     /// Restarts the ztunnel of `node` the hard way (SIGKILL, as a crash): its rules stay behind.
@@ -281,11 +311,26 @@ impl Lab {
         process.stop();
         Ok(())
     }
+
+    /// Starts the ztunnel of `node` again and waits until it is ready.
+    pub fn restart_ztunnel(&mut self, node: &str) -> anyhow::Result<()> {
+        let node = self
+            .topology
+            .node(node)
+            .cloned()
+            .with_context(|| format!("no node {node}"))?;
+        self.start_ztunnel(&node)?;
+        wait_ready(
+            &self.names.network(),
+            SocketAddr::from((node.address, 15021)),
+            &format!("ztunnel on {}", node.name),
+        )
+    }
 }
 
 /// Removes what the state file in `dir` lists, then any namespace named like the lab's, then the
 /// directory. What it removed, for the record.
-pub fn down(dir: &Path) -> anyhow::Result<Vec<String>> {
+pub fn down(dir: &Path, names: &Names) -> anyhow::Result<Vec<String>> {
     let mut removed = Vec::new();
     let state = State::load(dir).unwrap_or_default();
     for pid in &state.pids {
@@ -294,13 +339,22 @@ pub fn down(dir: &Path) -> anyhow::Result<Vec<String>> {
             removed.push(format!("process {pid}"));
         }
     }
+    let prefixes = [names.prefix.clone(), state.prefix]
+        .into_iter()
+        .filter(|p| !p.is_empty())
+        .collect::<Vec<_>>();
     // Pods before nodes before the network: a veth goes with the namespace at either end.
     let mut names: Vec<String> = state
         .namespaces
         .into_iter()
-        .chain(Namespace::list().into_iter().filter(|n| n.starts_with(PREFIX)))
+        .chain(
+            Namespace::list()
+                .into_iter()
+                .filter(|n| prefixes.iter().any(|p| n.starts_with(p.as_str()))),
+        )
         .collect();
-    names.sort_by_key(|n| (!n.contains("-pod-"), n == NETWORK, n.clone()));
+    // Pods first, the network last.
+    names.sort_by_key(|n| (!n.contains("-pod-"), n.ends_with("net"), n.clone()));
     names.dedup();
     for name in names {
         if Namespace::list().contains(&name) {
