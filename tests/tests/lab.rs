@@ -1,0 +1,330 @@
+//! End to end on the lab: the real programs as processes, each node and pod a network namespace,
+//! ztunnel enrolling pods in-pod. One lab serves every scenario in turn (each puts back what it
+//! changed); it is removed at the end, also when a scenario fails, and the last scenario checks
+//! that nothing of it is left.
+//!
+//! Not a libtest harness: the lab re-runs this binary as its components (`--mesh-role`), so
+//! `main` dispatches those first, then runs the scenarios and prints libtest's summary line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, ensure};
+use mesh_lab::runner::{self, Lab, Names, Options};
+use mesh_lab::topology::Namespace;
+
+const PREFIX: &str = "mlt-";
+const CLIENT: (&str, &str) = ("demo", "client");
+const LEGACY_CLIENT: (&str, &str) = ("legacy", "legacy-client");
+const SERVER_1: &str = "10.11.2.10:8080";
+const SERVICE: &str = "10.96.0.10:80";
+const LEGACY_SERVER: &str = "10.11.1.21:8080";
+
+fn at(text: &str) -> SocketAddr {
+    text.parse().expect("address")
+}
+
+/// Sends `data` from a pod; the answer (empty when refused).
+fn call(lab: &Lab, from: (&str, &str), to: &str, data: &str) -> anyhow::Result<String> {
+    let answer = runner::exchange(&lab.names.pod(from.0, from.1), at(to), data.as_bytes())?;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
+/// Retries `check` until it holds or 20 s pass.
+fn eventually(what: &str, mut check: impl FnMut() -> anyhow::Result<bool>) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if check()? {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "{what}: not within 20s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Writes one file of the running configuration (atomically, as a tool would).
+fn configure(lab: &Lab, name: &str, yaml: &str) -> anyhow::Result<()> {
+    let temporary = lab.dir.join("config").join(format!(".{name}.tmp"));
+    std::fs::write(&temporary, yaml)?;
+    std::fs::rename(temporary, lab.dir.join("config").join(name))?;
+    Ok(())
+}
+
+fn unconfigure(lab: &Lab, name: &str) -> anyhow::Result<()> {
+    std::fs::remove_file(lab.dir.join("config").join(name))?;
+    Ok(())
+}
+
+fn captured(lab: &Lab, pod: (&str, &str)) -> bool {
+    Namespace::existing(&lab.names.pod(pod.0, pod.1))
+        .exec("nft", &["list", "table", "inet", "ztunnel"], None)
+        .is_ok()
+}
+
+/// tcpdump on node-1's link to the cluster network, printing packets with their payloads.
+struct Capture {
+    child: Child,
+    output: PathBuf,
+}
+
+impl Capture {
+    fn start(lab: &Lab) -> anyhow::Result<Self> {
+        let output = lab.dir.join("capture.txt");
+        let file = std::fs::File::create(&output)?;
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &lab.names.network(),
+                "tcpdump",
+                "-i",
+                "n1",
+                "-nn",
+                "-l",
+                "-A",
+                "tcp",
+            ])
+            .stdout(Stdio::from(file))
+            .stderr(Stdio::null())
+            .spawn()
+            .context("tcpdump (is it installed?)")?;
+        // tcpdump needs a moment before it sees packets.
+        std::thread::sleep(Duration::from_millis(700));
+        Ok(Self { child, output })
+    }
+
+    fn finish(mut self) -> anyhow::Result<String> {
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        Ok(std::fs::read_to_string(&self.output)?)
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn cross_node_traffic_is_mutual_tls_on_the_wire(lab: &mut Lab) -> anyhow::Result<()> {
+    let capture = Capture::start(lab)?;
+    let secret = "plaintext-that-must-not-cross-the-wire";
+    let direct = call(lab, CLIENT, SERVER_1, secret)?;
+    let service = call(lab, CLIENT, SERVICE, secret)?;
+    let wire = capture.finish()?;
+    ensure!(direct == format!("server-1: {secret}"), "pod → pod answered {direct:?}");
+    ensure!(
+        service.ends_with(secret) && service.starts_with("server-"),
+        "pod → service answered {service:?}"
+    );
+    ensure!(
+        wire.contains("10.11.1.10."),
+        "the capture saw the client's traffic:\n{wire}"
+    );
+    ensure!(
+        wire.contains(".15008:"),
+        "traffic crossed to port 15008 (HBONE):\n{wire}"
+    );
+    ensure!(
+        !wire.contains(".8080:"),
+        "nothing went to the app port on the wire:\n{wire}"
+    );
+    ensure!(
+        !wire.contains(secret),
+        "the application's bytes never crossed in the clear"
+    );
+    Ok(())
+}
+
+fn an_l4_policy_admits_the_client_and_denies_the_rest(lab: &mut Lab) -> anyhow::Result<()> {
+    ensure!(
+        call(lab, CLIENT, SERVER_1, "x")? == "server-1: x",
+        "the allowed client is admitted"
+    );
+    ensure!(
+        call(lab, LEGACY_CLIENT, SERVER_1, "x")?.is_empty(),
+        "others are refused"
+    );
+    Ok(())
+}
+
+fn ambient_to_legacy_passes_through(lab: &mut Lab) -> anyhow::Result<()> {
+    let answer = call(lab, CLIENT, LEGACY_SERVER, "out")?;
+    ensure!(answer == "legacy-server: out", "answered {answer:?}");
+    Ok(())
+}
+
+fn legacy_to_ambient_permissive_admits_and_strict_refuses(lab: &mut Lab) -> anyhow::Result<()> {
+    // Let the legacy client past the demo's ALLOW policy, by address (it has no identity).
+    configure(
+        lab,
+        "allow-legacy.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: allow-legacy, namespace: demo}\nspec:\n  selector: {matchLabels: {app: server}}\n  rules: [{from: [{source: {ipBlocks: [10.11.1.20/32]}}]}]\n",
+    )?;
+    eventually("PERMISSIVE admits plaintext", || {
+        Ok(call(lab, LEGACY_CLIENT, SERVER_1, "p")? == "server-1: p")
+    })?;
+    configure(
+        lab,
+        "strict.yaml",
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: strict, namespace: demo}\nspec: {mtls: {mode: STRICT}}\n",
+    )?;
+    eventually("STRICT refuses plaintext", || {
+        Ok(call(lab, LEGACY_CLIENT, SERVER_1, "p")?.is_empty())
+    })?;
+    ensure!(
+        call(lab, CLIENT, SERVER_1, "m")? == "server-1: m",
+        "mTLS still admitted under STRICT"
+    );
+    unconfigure(lab, "strict.yaml")?;
+    unconfigure(lab, "allow-legacy.yaml")?;
+    eventually("back to the demo's policy", || {
+        Ok(call(lab, LEGACY_CLIENT, SERVER_1, "p")?.is_empty())
+    })?;
+    Ok(())
+}
+
+fn labelling_a_namespace_enrols_its_pods_and_unlabelling_unenrols(lab: &mut Lab) -> anyhow::Result<()> {
+    ensure!(!captured(lab, LEGACY_CLIENT), "legacy pods start outside the mesh");
+    configure(
+        lab,
+        "zz-legacy-ambient.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: legacy, labels: {istio.io/dataplane-mode: ambient}}\n",
+    )?;
+    eventually("legacy pods enrolled", || Ok(captured(lab, LEGACY_CLIENT)))?;
+    // Enrolled, the legacy client now speaks mTLS with its own identity: the demo's policy
+    // (which admits only demo/client) refuses it by principal, and passthrough to the legacy
+    // server now goes over HBONE too.
+    ensure!(
+        call(lab, LEGACY_CLIENT, SERVER_1, "x")?.is_empty(),
+        "still refused by principal"
+    );
+    ensure!(
+        call(lab, CLIENT, LEGACY_SERVER, "in")? == "legacy-server: in",
+        "client → legacy over HBONE"
+    );
+    unconfigure(lab, "zz-legacy-ambient.yaml")?;
+    eventually("legacy pods unenrolled", || Ok(!captured(lab, LEGACY_CLIENT)))?;
+    Ok(())
+}
+
+fn a_ztunnel_restart_keeps_rules_and_serves_again(lab: &mut Lab) -> anyhow::Result<()> {
+    lab.crash_ztunnel("node-2")?;
+    ensure!(captured(lab, ("demo", "server-1")), "the rules outlive a crash");
+    lab.restart_ztunnel("node-2")?;
+    eventually("traffic after the restart", || {
+        Ok(call(lab, CLIENT, SERVER_1, "again")? == "server-1: again")
+    })?;
+    ensure!(
+        captured(lab, ("demo", "server-1")),
+        "the rules are in place after the restart"
+    );
+    Ok(())
+}
+
+type Scenario = fn(&mut Lab) -> anyhow::Result<()>;
+
+fn main() {
+    if let Some(result) = mesh_lab::component::run_role_if_asked() {
+        if let Err(error) = result {
+            eprintln!("{error:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    if !mesh_tests::netns::privileged("lab end-to-end scenarios") {
+        println!("test result: ok. 0 passed; 0 failed; 7 ignored; 0 measured; 0 filtered out");
+        return;
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/local");
+    let options = Options {
+        topology: root.join("topology.yaml"),
+        manifests: root.join("manifests"),
+        dir: std::env::temp_dir().join(format!("mesh-lab-test-{}", std::process::id())),
+        names: Names { prefix: PREFIX.into() },
+    };
+    let scenarios: [(&str, Scenario); 6] = [
+        (
+            "cross_node_traffic_is_mutual_tls_on_the_wire",
+            cross_node_traffic_is_mutual_tls_on_the_wire,
+        ),
+        (
+            "an_l4_policy_admits_the_client_and_denies_the_rest",
+            an_l4_policy_admits_the_client_and_denies_the_rest,
+        ),
+        ("ambient_to_legacy_passes_through", ambient_to_legacy_passes_through),
+        (
+            "legacy_to_ambient_permissive_admits_and_strict_refuses",
+            legacy_to_ambient_permissive_admits_and_strict_refuses,
+        ),
+        (
+            "labelling_a_namespace_enrols_its_pods_and_unlabelling_unenrols",
+            labelling_a_namespace_enrols_its_pods_and_unlabelling_unenrols,
+        ),
+        (
+            "a_ztunnel_restart_keeps_rules_and_serves_again",
+            a_ztunnel_restart_keeps_rules_and_serves_again,
+        ),
+    ];
+    let (mut passed, mut failed) = (0, 0);
+    let mut report = |name: &str, result: anyhow::Result<()>| match result {
+        Ok(()) => {
+            passed += 1;
+            println!("test {name} ... ok");
+        }
+        Err(error) => {
+            failed += 1;
+            println!("test {name} ... FAILED\n  {error:#}");
+        }
+    };
+    match Lab::up(&options) {
+        Ok(mut lab) => {
+            for (name, scenario) in scenarios {
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scenario(&mut lab)))
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("panicked")));
+                report(name, outcome);
+            }
+            report("down_leaves_nothing_behind", down_leaves_nothing(lab, &options));
+        }
+        Err(error) => {
+            report("lab_up", Err(error));
+            let _ = runner::down(&options.dir, &options.names);
+        }
+    }
+    let verdict = if failed == 0 { "ok" } else { "FAILED" };
+    println!("\ntest result: {verdict}. {passed} passed; {failed} failed; 0 ignored; 0 measured; 0 filtered out");
+    if failed > 0 {
+        std::process::exit(1);
+    }
+}
+
+/// Brings the lab down and checks that no namespace, rule holder, process or file is left.
+fn down_leaves_nothing(lab: Lab, options: &Options) -> anyhow::Result<()> {
+    let pids: Vec<u32> = std::fs::read_to_string(options.dir.join("state.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+        .and_then(|v| {
+            v["pids"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|p| p.as_u64()).map(|p| p as u32).collect())
+        })
+        .unwrap_or_default();
+    lab.down()?;
+    let left: Vec<String> = Namespace::list()
+        .into_iter()
+        .filter(|n| n.starts_with(PREFIX))
+        .collect();
+    ensure!(left.is_empty(), "namespaces left: {left:?}");
+    for pid in pids {
+        ensure!(
+            !PathBuf::from(format!("/proc/{pid}")).exists(),
+            "process {pid} still runs"
+        );
+    }
+    ensure!(!options.dir.exists(), "{} still exists", options.dir.display());
+    Ok(())
+}
