@@ -117,23 +117,11 @@ impl Lab {
     /// root, so a restarted controller signs for the same mesh.
     pub async fn start_istiod(&mut self) -> anyhow::Result<()> {
         let config = self.istiod_config.clone().expect("set by start");
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()?;
         let readiness: SocketAddr = format!("127.{}.0.1:15021", self.base).parse()?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        runtime.spawn(async move {
-            // The previous instance's sockets may take a moment to go: retry binding.
-            loop {
-                let signals = Signals::install().expect("signals");
-                match istiod_lite::run(config.clone(), signals, quiet_log()).await {
-                    Ok(()) => return,
-                    Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
-                    Err(error) => panic!("istiod-lite: {error:#}"),
-                }
-            }
-        });
+        let runtime = on_own_runtime(1, "istiod-lite", move || {
+            let config = config.clone();
+            async move { istiod_lite::run(config, Signals::install()?, quiet_log()).await }
+        })?;
         self.istiod = Some(runtime);
         self.wait_ready(readiness).await
     }
@@ -142,22 +130,10 @@ impl Lab {
     pub fn start_ztunnel(&mut self, index: usize) -> anyhow::Result<()> {
         let (config, running) = &mut self.ztunnels[index - 1];
         let config = config.clone();
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        runtime.spawn(async move {
-            // A crashed predecessor's sockets may take a moment to go: retry while ports are busy.
-            loop {
-                let signals = Signals::install().expect("signals");
-                match ztunnel::run(config.clone(), signals, quiet_log()).await {
-                    Ok(()) => return,
-                    Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
-                    Err(error) => panic!("ztunnel: {error:#}"),
-                }
-            }
-        });
+        let runtime = on_own_runtime(2, "ztunnel", move || {
+            let config = config.clone();
+            async move { ztunnel::run(config, Signals::install()?, quiet_log()).await }
+        })?;
         *running = Some(runtime);
         Ok(())
     }
@@ -342,6 +318,30 @@ pub async fn exchange(mut stream: TcpStream, data: &[u8]) -> anyhow::Result<Vec<
         Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => Ok(received),
         Err(error) => Err(error.into()),
     }
+}
+
+/// Runs a component on a runtime of its own (so it can be stopped at once, as a crash would),
+/// retrying for 10 s while it fails to start: a stopped predecessor's ports take a moment to free.
+fn on_own_runtime<F, Fut>(threads: usize, what: &'static str, start: F) -> anyhow::Result<tokio::runtime::Runtime>
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    runtime.spawn(async move {
+        loop {
+            match start().await {
+                Ok(()) => return,
+                Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(error) => panic!("{what}: {error:#}"),
+            }
+        }
+    });
+    Ok(runtime)
 }
 
 /// A GET with `connection: close`: status and body.

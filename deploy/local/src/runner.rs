@@ -156,18 +156,7 @@ impl Lab {
         for (index, node) in topology.nodes.iter().enumerate() {
             let namespace = self.namespace(&self.names.node(&node.name))?;
             let link = format!("n{}", index + 1);
-            network.ip(&[
-                "link",
-                "add",
-                &link,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                namespace.name(),
-            ])?;
+            topology::veth(Some(&network), &link, &namespace)?;
             network.ip(&["link", "set", &link, "master", "br0", "up"])?;
             namespace.ip(&["addr", "add", &format!("{}/{prefix}", node.address), "dev", "eth0"])?;
             namespace.ip(&["link", "set", "eth0", "up"])?;

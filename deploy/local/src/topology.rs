@@ -130,11 +130,10 @@ fn node_ip(node: Option<&Namespace>, args: &[&str]) -> anyhow::Result<String> {
     }
 }
 
-/// Wires `pod` to its node (`None`: the calling thread's namespace): a veth pair named `link` on
-/// the node and `eth0` in the pod, `ip` on the pod's end, routes both ways.
-pub fn attach(node: Option<&Namespace>, pod: &Namespace, link: &str, ip: Ipv4Addr) -> anyhow::Result<()> {
+/// A veth pair: `link` in `near` (`None`: the calling thread's namespace) and `eth0` in `far`.
+pub fn veth(near: Option<&Namespace>, link: &str, far: &Namespace) -> anyhow::Result<()> {
     node_ip(
-        node,
+        near,
         &[
             "link",
             "add",
@@ -145,9 +144,16 @@ pub fn attach(node: Option<&Namespace>, pod: &Namespace, link: &str, ip: Ipv4Add
             "name",
             "eth0",
             "netns",
-            pod.name(),
+            far.name(),
         ],
     )?;
+    Ok(())
+}
+
+/// Wires `pod` to its node (`None`: the calling thread's namespace): a veth pair named `link` on
+/// the node and `eth0` in the pod, `ip` on the pod's end, routes both ways.
+pub fn attach(node: Option<&Namespace>, pod: &Namespace, link: &str, ip: Ipv4Addr) -> anyhow::Result<()> {
+    veth(node, link, pod)?;
     node_ip(node, &["addr", "add", &format!("{POD_GATEWAY}/32"), "dev", link])?;
     node_ip(node, &["link", "set", link, "up"])?;
     node_ip(node, &["route", "add", &format!("{ip}/32"), "dev", link])?;
