@@ -5,7 +5,7 @@
 //! Ambient → ambient goes over HBONE (mTLS metrics on the receiving side), non-ambient → ambient
 //! is admitted as plaintext on 15006, ambient → non-ambient passes through; labelling a namespace
 //! ambient enrols its running pods and removing the label unenrols them; after a ztunnel crash
-//! the rules stay and a restarted ztunnel serves new connections again.
+//! the rules stay and a restarted ztunnel serves new connections again; a clean exit removes them.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -149,6 +149,19 @@ fn ztunnel_enrols_pods_in_their_own_namespaces() {
             assert!(Instant::now() < deadline, "no traffic after the restart within 15s");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+
+        // A clean exit removes every rule it installed.
+        let admin: SocketAddr = format!("{}:15000", lab.node_host(1)).parse()?;
+        let mut stream = tokio::net::TcpStream::connect(admin).await?;
+        tokio::io::AsyncWriteExt::write_all(
+            &mut stream,
+            b"POST /quitquitquit HTTP/1.1\r\nhost: lab\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+        )
+        .await?;
+        eventually("rules removed on a clean exit", || {
+            !captured(&client) && !captured(&server)
+        })
+        .await;
         Ok(())
     })
     .unwrap();
