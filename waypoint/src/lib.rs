@@ -1,7 +1,9 @@
 //! waypoint: the per-namespace L7 proxy. So far it runs the shared lifecycle (admin, metrics, readiness,
-//! graceful drain); the L7 path (HBONE listener, HTTPRoute, L7 authorization, upstream) follows.
+//! graceful drain) and has its routing engine ([`route`]: HTTPRoute matching, backends by weight,
+//! filters); the L7 path (HBONE listener, L7 authorization, upstream) follows.
 
 pub mod config;
+pub mod route;
 
 use std::sync::Arc;
 
