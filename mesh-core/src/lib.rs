@@ -2,10 +2,12 @@
 //! the admin server and graceful shutdown. Nothing here knows about a particular binary.
 
 pub mod admin;
+pub mod certificates;
 pub mod hbone;
 pub mod identity;
 pub mod lifecycle;
 pub mod net;
 pub mod proto;
+pub mod state;
 pub mod telemetry;
 pub mod xds;

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use istiod_lite::ca::{CertificateService, Lifetimes, NodeTokens, Placement};
+use mesh_core::certificates::{CaClient, CertificateSource};
 use mesh_core::identity::{Authority, SpiffeId};
 use mesh_core::proto::ca::istio_certificate_service_server::IstioCertificateServiceServer;
-use ztunnel::certificates::{CaClient, CertificateSource};
 
 struct Pods(HashSet<(String, SpiffeId)>);
 

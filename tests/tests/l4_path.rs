@@ -10,21 +10,21 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
+use mesh_core::certificates::{CertificateError, CertificateManager, CertificateSource, Retry};
 use mesh_core::hbone::{Pool, PoolConfig, Server};
 use mesh_core::identity::{Authority, SpiffeId, WorkloadCertificate};
 use mesh_core::proto::security::{Action, Authorization, Clause, Match, Rule, Scope, StringMatch, string_match};
 use mesh_core::proto::workload::{
     GatewayAddress, NetworkAddress, Port, PortList, Service, TunnelProtocol, Workload, WorkloadStatus, gateway_address,
 };
+use mesh_core::state::State;
 use mesh_tests::greeting_echo_app;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use ztunnel::certificates::{CertificateError, CertificateManager, CertificateSource, Retry};
 use ztunnel::proxy::metrics::TcpMetrics;
 use ztunnel::proxy::outbound::{Outbound, OutboundError, Route};
 use ztunnel::proxy::{Context, inbound};
-use ztunnel::state::State;
 
 const SERVICE: &str = "demo/server.demo.svc.cluster.local";
 // Measured in the test (debug) build: 616, 840 and 848 bytes.

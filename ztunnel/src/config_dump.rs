@@ -6,9 +6,9 @@ use std::time::SystemTime;
 use mesh_core::proto::workload::{TunnelProtocol, WorkloadStatus};
 use serde_json::{Value, json};
 
-use crate::certificates::CertificateSource;
 use crate::proxy::{Context, identity_of};
-use crate::state::ip_from_bytes;
+use mesh_core::certificates::CertificateSource;
+use mesh_core::state::ip_from_bytes;
 
 pub fn dump<S: CertificateSource>(context: &Arc<Context<S>>) -> Value {
     let state = context.state.read().expect("not poisoned");

@@ -2,14 +2,12 @@
 //! certificate; [`listeners`] serves inbound HBONE for the workloads of this node; [`proxy`]
 //! carries connections both ways; [`socks5`] lets unredirected apps send outbound.
 
-pub mod certificates;
 pub mod config;
 pub mod config_dump;
 pub mod listeners;
 pub mod proxy;
 pub mod redirect;
 pub mod socks5;
-pub mod state;
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -28,12 +26,12 @@ use tracing::info;
 
 pub use config::Config;
 
-use crate::certificates::{CaClient, CertificateManager, Retry};
 use crate::listeners::Enrolment;
 use crate::proxy::Context;
 use crate::proxy::metrics::TcpMetrics;
 use crate::redirect::{PodSockets, RedirectMode};
-use crate::state::{State, StateHandler};
+use mesh_core::certificates::{CaClient, CertificateManager, Retry};
+use mesh_core::state::{State, StateHandler};
 
 /// Runs ztunnel until SIGTERM, SIGINT or `/quitquitquit`, then drains.
 pub async fn run(config: Arc<Config>, signals: Signals, log: LogHandle) -> anyhow::Result<()> {

@@ -21,12 +21,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::certificates::CertificateSource;
 use crate::proxy::outbound::Outbound;
 use crate::proxy::{Context, identity_of, inbound};
 use crate::redirect::netns::NetNs;
 use crate::redirect::{self, PodSockets, rules};
-use crate::state::ip_from_bytes;
+use mesh_core::certificates::CertificateSource;
+use mesh_core::state::ip_from_bytes;
 
 /// Outbound connections redirected from a workload (its netns' 15001).
 pub const OUTBOUND_PORT: u16 = 15001;

@@ -11,12 +11,11 @@ pub mod outbound;
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 
-use mesh_core::identity::SpiffeId;
 use mesh_core::net::{Connector, SocketFactory};
 use mesh_core::proto::workload::Workload;
 
-use crate::certificates::CertificateManager;
-use crate::state::{NetworkAddress, State};
+use mesh_core::certificates::CertificateManager;
+use mesh_core::state::{NetworkAddress, State};
 
 /// What both directions share.
 #[derive(Debug)]
@@ -70,17 +69,4 @@ impl<S> Context<S> {
     }
 }
 
-/// A workload's SPIFFE identity (Istio leaves the default trust domain and account empty).
-pub fn identity_of(workload: &Workload) -> Result<SpiffeId, mesh_core::identity::SpiffeIdError> {
-    let trust_domain = if workload.trust_domain.is_empty() {
-        "cluster.local"
-    } else {
-        &workload.trust_domain
-    };
-    let service_account = if workload.service_account.is_empty() {
-        "default"
-    } else {
-        &workload.service_account
-    };
-    SpiffeId::new(trust_domain, workload.namespace.as_str(), service_account)
-}
+pub use mesh_core::state::identity_of;

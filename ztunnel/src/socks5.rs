@@ -9,8 +9,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
-use crate::certificates::CertificateSource;
 use crate::proxy::outbound::Outbound;
+use mesh_core::certificates::CertificateSource;
 
 const VERSION: u8 = 5;
 const NO_AUTH: u8 = 0;

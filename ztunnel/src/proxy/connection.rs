@@ -15,8 +15,8 @@ use tracing::info;
 
 use super::copy::Transferred;
 use super::metrics::{Peer, Reporter, ResponseFlags, SecurityPolicy, ServiceLabel, TcpLabels, TcpMetrics};
-use crate::state::State;
-use crate::state::authorization::{self, Connection};
+use mesh_core::state::State;
+use mesh_core::state::authorization::{self, Connection};
 
 /// One end of a connection, as far as it is known.
 #[derive(Clone, Debug)]

@@ -20,8 +20,8 @@ use super::connection::{Accounting, Description, Endpoint, Registration};
 use super::copy::copy_bidirectional;
 use super::metrics::{Reporter, ResponseFlags, SecurityPolicy};
 use super::{Context, identity_of};
-use crate::certificates::CertificateSource;
-use crate::state::authorization::{self, Connection};
+use mesh_core::certificates::CertificateSource;
+use mesh_core::state::authorization::{self, Connection};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -106,7 +106,7 @@ async fn serve<S: CertificateSource>(
         let state = context.state.read().expect("not poisoned");
         let verdict = authorization::check(state.policies_for(&workload).map(|p| p.as_ref()), &connection);
         let source_workload = state
-            .workload_by_ip(&crate::state::NetworkAddress {
+            .workload_by_ip(&mesh_core::state::NetworkAddress {
                 network: context.network.clone(),
                 ip: peer.ip(),
             })

@@ -22,8 +22,8 @@ use super::connection::{Accounting, Description, Endpoint};
 use super::copy::{Transferred, copy_bidirectional};
 use super::metrics::{Reporter, ResponseFlags, SecurityPolicy};
 use super::{Context, identity_of};
-use crate::certificates::CertificateSource;
-use crate::state::{NetworkAddress, State, ip_from_bytes, service_key};
+use mesh_core::certificates::CertificateSource;
+use mesh_core::state::{NetworkAddress, State, ip_from_bytes, service_key};
 
 /// Why an outbound connection could not be carried.
 #[derive(Debug, thiserror::Error)]
@@ -37,7 +37,7 @@ pub enum OutboundError {
     #[error("identity: {0}")]
     Identity(#[from] mesh_core::identity::SpiffeIdError),
     #[error("certificate: {0}")]
-    Certificate(#[from] crate::certificates::CertificateError),
+    Certificate(#[from] mesh_core::certificates::CertificateError),
     #[error("{0}")]
     Hbone(Box<HboneError>),
     #[error("connect to {address}: {source}")]

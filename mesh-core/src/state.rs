@@ -8,10 +8,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 
-use mesh_core::proto::security::Authorization;
-use mesh_core::proto::workload::{Address, PortList, Service, TunnelProtocol, Workload, address};
-use mesh_core::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
-use mesh_core::xds::{Handler, Rejection, Update};
+use crate::proto::security::Authorization;
+use crate::proto::workload::{Address, PortList, Service, TunnelProtocol, Workload, address};
+use crate::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use crate::xds::{Handler, Rejection, Update};
 use prost::Message;
 use tokio::sync::watch;
 
@@ -187,7 +187,7 @@ impl State {
 
     /// The policies that apply to a workload: global ones, its namespace's, and those it lists.
     pub fn policies_for<'a>(&'a self, workload: &'a Workload) -> impl Iterator<Item = &'a Arc<Authorization>> + 'a {
-        use mesh_core::proto::security::Scope;
+        use crate::proto::security::Scope;
         let scoped = self.policies.values().filter(move |p| match Scope::try_from(p.scope) {
             Ok(Scope::Global) => true,
             Ok(Scope::Namespace) => p.namespace == workload.namespace,
@@ -215,6 +215,21 @@ impl State {
     pub fn counts(&self) -> (usize, usize, usize) {
         (self.workloads.len(), self.services.len(), self.policies.len())
     }
+}
+
+/// A workload's SPIFFE identity (Istio leaves the default trust domain and account empty).
+pub fn identity_of(workload: &Workload) -> Result<crate::identity::SpiffeId, crate::identity::SpiffeIdError> {
+    let trust_domain = if workload.trust_domain.is_empty() {
+        "cluster.local"
+    } else {
+        &workload.trust_domain
+    };
+    let service_account = if workload.service_account.is_empty() {
+        "default"
+    } else {
+        &workload.service_account
+    };
+    crate::identity::SpiffeId::new(trust_domain, workload.namespace.as_str(), service_account)
 }
 
 pub fn service_key(service: &Service) -> String {
@@ -293,7 +308,7 @@ impl StateHandler {
 
 #[cfg(test)]
 mod tests {
-    use mesh_core::proto::workload::{GatewayAddress, NetworkAddress as ProtoAddress, Port};
+    use crate::proto::workload::{GatewayAddress, NetworkAddress as ProtoAddress, Port};
 
     use super::*;
 

@@ -9,7 +9,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use mesh_core::identity::{SpiffeId, WorkloadCertificate};
+use crate::identity::{SpiffeId, WorkloadCertificate};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -27,15 +27,15 @@ pub enum CertificateError {
     #[error("CA returned a certificate for {got}, not {asked}")]
     WrongIdentity { asked: String, got: String },
     #[error("certificate: {0}")]
-    Certificate(Arc<mesh_core::identity::CertificateError>),
+    Certificate(Arc<crate::identity::CertificateError>),
     #[error("node token is not a valid header value")]
     Token,
     #[error("no valid certificate for {identity} yet: {reason}")]
     Unavailable { identity: String, reason: String },
 }
 
-impl From<mesh_core::identity::CertificateError> for CertificateError {
-    fn from(error: mesh_core::identity::CertificateError) -> Self {
+impl From<crate::identity::CertificateError> for CertificateError {
+    fn from(error: crate::identity::CertificateError) -> Self {
         Self::Certificate(Arc::new(error))
     }
 }
@@ -230,7 +230,7 @@ fn on_tokio_clock(at: SystemTime) -> Instant {
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use mesh_core::identity::Authority;
+    use crate::identity::Authority;
 
     use super::*;
 

@@ -5,8 +5,8 @@
 
 use std::net::IpAddr;
 
-use mesh_core::identity::SpiffeId;
-use mesh_core::proto::security::{Action, Address, Authorization, Clause, Match, StringMatch, string_match};
+use crate::identity::SpiffeId;
+use crate::proto::security::{Action, Address, Authorization, Clause, Match, StringMatch, string_match};
 
 /// What is known about a connection when it arrives.
 #[derive(Clone, Debug)]
@@ -90,7 +90,7 @@ fn matches_match(m: &Match, c: &Connection<'_>) -> bool {
     };
     let port_field =
         |ports: &[u32], port: u16, negated: bool| ports.is_empty() || (ports.contains(&u32::from(port)) != negated);
-    let service_account = |accounts: &[mesh_core::proto::security::ServiceAccountMatch], negated: bool| {
+    let service_account = |accounts: &[crate::proto::security::ServiceAccountMatch], negated: bool| {
         if accounts.is_empty() {
             return true;
         }
@@ -144,7 +144,7 @@ fn contains(block: &Address, ip: IpAddr) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use mesh_core::proto::security::{Rule, Scope};
+    use crate::proto::security::{Rule, Scope};
 
     use super::*;
 

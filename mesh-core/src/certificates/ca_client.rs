@@ -4,9 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use mesh_core::identity::{CertificateRequest, SpiffeId, WorkloadCertificate};
-use mesh_core::proto::ca::IstioCertificateRequest;
-use mesh_core::proto::ca::istio_certificate_service_client::IstioCertificateServiceClient;
+use crate::identity::{CertificateRequest, SpiffeId, WorkloadCertificate};
+use crate::proto::ca::IstioCertificateRequest;
+use crate::proto::ca::istio_certificate_service_client::IstioCertificateServiceClient;
 use prost_types::{Struct, Value, value::Kind};
 use rustls::RootCertStore;
 use tonic::metadata::{Ascii, MetadataValue};
