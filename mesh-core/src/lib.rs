@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod certificates;
+pub mod control;
 pub mod hbone;
 pub mod identity;
 pub mod lifecycle;

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use mesh_core::control::ControlArgs;
 use mesh_core::lifecycle::Endpoints;
 use mesh_core::telemetry::LogArgs;
 
@@ -20,22 +21,8 @@ pub struct Config {
     /// This node's name: ztunnel serves the workloads scheduled here.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: String,
-    /// The controller's xDS address: `http://host:port` (plaintext, local only) or
-    /// `https://host:port` (verified against --root-cert).
-    #[arg(long, env = "XDS_ADDRESS", default_value = "https://istiod.istio-system.svc:15012")]
-    pub xds_address: String,
-    /// The CA's address, in the same form (default: the xDS address).
-    #[arg(long, env = "CA_ADDRESS")]
-    pub ca_address: Option<String>,
-    /// PEM root certificate(s) of the mesh: verify the controller and every peer.
-    #[arg(long, env = "ROOT_CERT")]
-    pub root_cert: PathBuf,
-    /// File holding this node's bearer token for the CA.
-    #[arg(long, env = "NODE_TOKEN_FILE")]
-    pub token_file: Option<PathBuf>,
-    /// Validity asked for workload certificates (e.g. 24h).
-    #[arg(long, env = "CERT_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
-    pub cert_ttl: Duration,
+    #[command(flatten)]
+    pub control: ControlArgs,
     /// Network of this node's workloads (empty for a single network).
     #[arg(long, env = "NETWORK", default_value = "")]
     pub network: String,
@@ -83,79 +70,5 @@ impl Config {
             metrics: self.metrics_addr,
             readiness: self.readiness_addr,
         }
-    }
-}
-
-/// A server address as `http(s)://host:port`: its scheme says whether TLS is used.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServerAddress {
-    pub tls: bool,
-    pub host: String,
-    pub authority: String,
-}
-
-impl ServerAddress {
-    pub fn parse(flag: &str, value: &str) -> Result<Self, String> {
-        let (tls, rest) = match value.split_once("://") {
-            Some(("https", rest)) => (true, rest),
-            Some(("http", rest)) => (false, rest),
-            _ => {
-                return Err(format!(
-                    "{flag} {value:?}: expected http://host:port or https://host:port"
-                ));
-            }
-        };
-        let authority = rest.trim_end_matches('/');
-        let Some((host, port)) = authority.rsplit_once(':') else {
-            return Err(format!("{flag} {value:?}: missing :port"));
-        };
-        port.parse::<u16>()
-            .map_err(|_| format!("{flag} {value:?}: port {port:?} is not a number"))?;
-        Ok(Self {
-            tls,
-            host: host.trim_matches(|c| c == '[' || c == ']').to_owned(),
-            authority: authority.to_owned(),
-        })
-    }
-}
-
-impl Config {
-    pub fn xds(&self) -> Result<ServerAddress, String> {
-        ServerAddress::parse("--xds-address", &self.xds_address)
-    }
-
-    pub fn ca(&self) -> Result<ServerAddress, String> {
-        match &self.ca_address {
-            Some(address) => ServerAddress::parse("--ca-address", address),
-            None => self.xds(),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn server_addresses_say_scheme_host_and_port() {
-        let tls = ServerAddress::parse("--xds-address", "https://istiod.istio-system.svc:15012").unwrap();
-        assert_eq!(
-            (tls.tls, tls.host.as_str(), tls.authority.as_str()),
-            (true, "istiod.istio-system.svc", "istiod.istio-system.svc:15012")
-        );
-        assert!(
-            !ServerAddress::parse("--xds-address", "http://127.0.0.1:15010")
-                .unwrap()
-                .tls
-        );
-        assert_eq!(
-            ServerAddress::parse("--xds-address", "istiod:15012").unwrap_err(),
-            "--xds-address \"istiod:15012\": expected http://host:port or https://host:port"
-        );
-        assert!(
-            ServerAddress::parse("--ca-address", "https://istiod")
-                .unwrap_err()
-                .contains("missing :port")
-        );
     }
 }

@@ -17,7 +17,6 @@ use mesh_core::admin::{Readiness, Routes, text};
 use mesh_core::hbone::{Pool, PoolConfig};
 use mesh_core::lifecycle::{Lifecycle, Signals};
 use mesh_core::net::Connector;
-use mesh_core::proto::envoy::config::core::v3::Node;
 use mesh_core::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 use mesh_core::telemetry::LogHandle;
 use mesh_core::xds;
@@ -30,28 +29,12 @@ use crate::listeners::Enrolment;
 use crate::proxy::Context;
 use crate::proxy::metrics::TcpMetrics;
 use crate::redirect::{PodSockets, RedirectMode};
-use mesh_core::certificates::{CaClient, CertificateManager, Retry};
+use mesh_core::certificates::{CertificateManager, Retry};
 use mesh_core::state::{State, StateHandler};
 
 /// Runs ztunnel until SIGTERM, SIGINT or `/quitquitquit`, then drains.
 pub async fn run(config: Arc<Config>, signals: Signals, log: LogHandle) -> anyhow::Result<()> {
-    let (xds_address, ca_address) = (
-        config.xds().map_err(anyhow::Error::msg)?,
-        config.ca().map_err(anyhow::Error::msg)?,
-    );
-    let root_pem = std::fs::read_to_string(&config.root_cert)
-        .with_context(|| format!("--root-cert {}", config.root_cert.display()))?;
-    let roots = mesh_core::identity::certificate::parse_certificates("--root-cert", &root_pem)?;
-    let roots = Arc::new(mesh_core::identity::certificate::root_store(&roots)?);
-    let token = match &config.token_file {
-        Some(path) => Some(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("--token-file {}", path.display()))?
-                .trim()
-                .to_owned(),
-        ),
-        None => None,
-    };
+    let control = config.control.connect()?;
 
     let mut registry = Registry::default();
     let readiness = Readiness::new();
@@ -59,29 +42,9 @@ pub async fn run(config: Arc<Config>, signals: Signals, log: LogHandle) -> anyho
     let state = Arc::new(RwLock::new(State::default()));
     let (handler, changes) = StateHandler::new(state.clone());
 
-    let server_for = |address: &config::ServerAddress| -> anyhow::Result<xds::Server> {
-        Ok(if address.tls {
-            xds::Server::tls(&address.authority, &address.host, &root_pem, token.as_deref())?
-        } else {
-            xds::Server::plaintext(&address.authority)?
-        })
-    };
-    let node = Node {
-        id: format!("ztunnel~{}~{}", config.node_name, config.node_name),
-        cluster: "Kubernetes".into(),
-        metadata: Some(prost_types::Struct {
-            fields: [(
-                "NODE_NAME".to_owned(),
-                prost_types::Value {
-                    kind: Some(prost_types::value::Kind::StringValue(config.node_name.clone())),
-                },
-            )]
-            .into(),
-        }),
-        ..Default::default()
-    };
+    let node = mesh_core::control::node("ztunnel", &config.node_name, &config.node_name);
     let client = xds::Client::new(
-        server_for(&xds_address)?,
+        control.xds,
         node,
         &[ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL],
         xds::Backoff::default(),
@@ -89,8 +52,7 @@ pub async fn run(config: Arc<Config>, signals: Signals, log: LogHandle) -> anyho
     );
     lifecycle.spawn(client.run(Some(readiness.register("xds"))));
 
-    let ca_channel = server_for(&ca_address)?.connect_lazy();
-    let ca = CaClient::new(ca_channel, token.as_deref(), roots, config.cert_ttl)?;
+    let ca = control.ca;
     let mut context = Context::new(
         state,
         CertificateManager::new(ca, Retry::default()),
@@ -149,7 +111,7 @@ pub async fn run(config: Arc<Config>, signals: Signals, log: LogHandle) -> anyho
     lifecycle
         .serve_endpoints(&config.endpoints(), admin, log, registry, readiness)
         .await?;
-    info!(node = %config.node_name, xds = %config.xds_address, "ztunnel started");
+    info!(node = %config.node_name, xds = %config.control.xds_address, "ztunnel started");
     lifecycle.run(signals, config.drain_deadline.max(Duration::ZERO)).await;
     Ok(())
 }
