@@ -5,11 +5,11 @@
 pub mod authorization;
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
 
 use crate::proto::security::Authorization;
-use crate::proto::workload::{Address, PortList, Service, TunnelProtocol, Workload, address};
+use crate::proto::workload::{Address, PortList, Service, TunnelProtocol, Workload, WorkloadStatus, address};
 use crate::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 use crate::xds::{Handler, Rejection, Update};
 use prost::Message;
@@ -168,6 +168,24 @@ impl State {
             .into_iter()
             .flatten()
             .filter_map(|(uid, ports)| Some((self.workloads.get(uid)?, ports)))
+    }
+
+    /// The healthy endpoints of `service` for its port `port`, each with the address to reach it
+    /// at (its first IP and the target port, a target port of 0 meaning the service port).
+    pub fn healthy_endpoints(&self, service: &Service, port: u16) -> Vec<(Arc<Workload>, SocketAddr)> {
+        let port = u32::from(port);
+        self.endpoints(service)
+            .filter(|(w, _)| w.status == WorkloadStatus::Healthy as i32)
+            .filter_map(|(w, ports)| {
+                let ip = ip_from_bytes(w.addresses.first()?)?;
+                let target = ports
+                    .ports
+                    .iter()
+                    .find(|p| p.service_port == port)
+                    .map(|p| if p.target_port == 0 { port } else { p.target_port })?;
+                Some((w.clone(), SocketAddr::new(ip, u16::try_from(target).ok()?)))
+            })
+            .collect()
     }
 
     /// A service `workload` serves on `port` (its target port), for metrics' destination_service.

@@ -1,8 +1,10 @@
-//! the waypoint's configuration, from flags and environment variables.
+//! The waypoint's configuration, from flags and environment variables.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use mesh_core::control::ControlArgs;
+use mesh_core::identity::SpiffeId;
 use mesh_core::lifecycle::Endpoints;
 use mesh_core::telemetry::LogArgs;
 
@@ -14,6 +16,28 @@ use mesh_core::telemetry::LogArgs;
 pub struct Config {
     #[command(flatten)]
     pub log: LogArgs,
+    #[command(flatten)]
+    pub control: ControlArgs,
+    /// The node this waypoint runs on (the CA checks that its pod is there).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// The waypoint's namespace (its Gateway's).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub namespace: String,
+    /// The waypoint's Gateway name.
+    #[arg(long, env = "GATEWAY_NAME", default_value = "waypoint")]
+    pub gateway: String,
+    /// The waypoint pod's service account: its identity.
+    #[arg(long, env = "SERVICE_ACCOUNT", default_value = "waypoint")]
+    pub service_account: String,
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Network of the waypoint (empty for a single network).
+    #[arg(long, env = "NETWORK", default_value = "")]
+    pub network: String,
+    /// Where HBONE (mTLS HTTP/2 CONNECT) arrives.
+    #[arg(long, env = "WAYPOINT_HBONE_ADDR", default_value = "0.0.0.0:15008")]
+    pub hbone_addr: SocketAddr,
     /// Admin server (/logging, /quitquitquit). Keep it on localhost.
     #[arg(long, env = "WAYPOINT_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
     pub admin_addr: SocketAddr,
@@ -35,5 +59,10 @@ impl Config {
             metrics: self.metrics_addr,
             readiness: self.readiness_addr,
         }
+    }
+
+    pub fn identity(&self) -> anyhow::Result<SpiffeId> {
+        SpiffeId::new(&self.trust_domain, &self.namespace, &self.service_account)
+            .map_err(|e| anyhow::anyhow!("--trust-domain/--namespace/--service-account: {e}"))
     }
 }

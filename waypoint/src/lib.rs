@@ -1,24 +1,99 @@
-//! waypoint: the per-namespace L7 proxy. So far it runs the shared lifecycle (admin, metrics, readiness,
-//! graceful drain) and has its routing engine ([`route`]: HTTPRoute matching, backends by weight,
-//! filters); the L7 path (HBONE listener, L7 authorization, upstream) follows.
+//! waypoint: the per-namespace L7 proxy. It follows the mesh over xDS ([`mesh_core::state`]),
+//! holds a certificate for its own identity, serves HBONE, and runs each CONNECT stream through
+//! [`proxy`]: HTTP requests are routed by [`route`] (HTTPRoute) and sent over HBONE to an
+//! endpoint; other bytes are carried as TCP. Request metrics in [`metrics`].
 
 pub mod config;
+pub mod metrics;
+pub mod proxy;
 pub mod route;
 
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
 
 use mesh_core::admin::{Readiness, Routes};
+use mesh_core::certificates::{CertificateManager, CertificateSource, Retry};
+use mesh_core::hbone::{Server, ServerCertificates};
+use mesh_core::identity::{SpiffeId, tls};
 use mesh_core::lifecycle::{Lifecycle, Signals};
+use mesh_core::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use mesh_core::state::{State, StateHandler};
 use mesh_core::telemetry::LogHandle;
+use mesh_core::xds;
 use prometheus_client::registry::Registry;
+use tracing::info;
 
 pub use config::Config;
 
+use crate::metrics::RequestMetrics;
+use crate::proxy::Waypoint;
+
+/// The waypoint's own certificate for every HBONE connection.
+struct OwnCertificate<S> {
+    certificates: Arc<CertificateManager<S>>,
+    identity: SpiffeId,
+}
+
+impl<S: CertificateSource> ServerCertificates for OwnCertificate<S> {
+    async fn server_config(
+        &self,
+        _local: SocketAddr,
+    ) -> Result<Arc<rustls::ServerConfig>, Box<dyn std::error::Error + Send + Sync>> {
+        let certificate = self.certificates.get(&self.identity).await?;
+        Ok(Arc::new(tls::server_config(&certificate)?))
+    }
+}
+
 /// Runs the waypoint until SIGTERM, SIGINT or `/quitquitquit`, then drains.
 pub async fn run(config: Arc<Config>, signals: Signals, log: LogHandle) -> anyhow::Result<()> {
-    let registry = Registry::default();
+    let identity = config.identity()?;
+    let control = config.control.connect()?;
+    let mut registry = Registry::default();
     let readiness = Readiness::new();
     let mut lifecycle = Lifecycle::new();
+
+    let state = Arc::new(RwLock::new(State::default()));
+    let (handler, _changes) = StateHandler::new(state.clone());
+    let node = mesh_core::control::node(
+        "waypoint",
+        &format!("{}.{}", config.gateway, config.namespace),
+        &config.node_name,
+    );
+    let client = xds::Client::new(
+        control.xds,
+        node,
+        &[ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL],
+        xds::Backoff::default(),
+        handler,
+    );
+    lifecycle.spawn(client.run(Some(readiness.register("xds"))));
+
+    let certificates = CertificateManager::new(control.ca, Retry::default());
+    let certificate_ready = readiness.register("certificate");
+    let (prefetch, own) = (certificates.clone(), identity.clone());
+    lifecycle.spawn(async move {
+        if prefetch.get(&own).await.is_ok() {
+            drop(certificate_ready);
+        }
+        prefetch.prefetch(&own);
+    });
+
+    let metrics = RequestMetrics::register(&mut registry);
+    let waypoint = Arc::new(Waypoint::new(
+        state,
+        certificates.clone(),
+        identity.clone(),
+        &config.network,
+        metrics,
+    ));
+    let listener = tokio::net::TcpListener::bind(config.hbone_addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("--hbone-addr {}: {e}", config.hbone_addr))?;
+    info!(server = "hbone", address = %listener.local_addr()?, %identity, "listening");
+    let server = Server::new(OwnCertificate { certificates, identity });
+    let handler = move |request| waypoint.clone().handle(request);
+    lifecycle.spawn(server.serve(listener, handler, lifecycle.watch()));
+
     lifecycle
         .serve_endpoints(&config.endpoints(), Routes::new(), log, registry, readiness)
         .await?;

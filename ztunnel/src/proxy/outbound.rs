@@ -114,30 +114,14 @@ impl<S: CertificateSource> Outbound<S> {
             {
                 return Ok(route);
             }
-            let port = u32::from(destination.port());
-            let candidates: Vec<(Arc<Workload>, u32)> = state
-                .endpoints(service)
-                .filter(|(w, _)| healthy(w))
-                .filter_map(|(w, ports)| {
-                    let target = ports
-                        .ports
-                        .iter()
-                        .find(|p| p.service_port == port)
-                        .map(|p| if p.target_port == 0 { port } else { p.target_port })?;
-                    Some((w.clone(), target))
-                })
-                .collect();
+            let candidates = state.healthy_endpoints(service, destination.port());
             if candidates.is_empty() {
                 return Err(OutboundError::NoHealthyEndpoint {
                     service: service.hostname.clone(),
                     port: destination.port(),
                 });
             }
-            let (workload, target_port) = self.pick(&candidates);
-            let target = SocketAddr::new(
-                first_ip(&workload),
-                u16::try_from(target_port).unwrap_or(destination.port()),
-            );
+            let (workload, target) = self.pick(&candidates);
             return Ok(direct_or_hbone(workload, target, Some(service.clone())));
         }
         match state.workload_by_ip(&address) {
