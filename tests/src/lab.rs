@@ -24,6 +24,7 @@ pub struct Lab {
     istiod_config: Option<Arc<istiod_lite::Config>>,
     /// Each ztunnel too, so one can crash and restart.
     ztunnels: Vec<(Arc<ztunnel::Config>, Option<tokio::runtime::Runtime>)>,
+    waypoints: Vec<tokio::runtime::Runtime>,
 }
 
 fn quiet_log() -> LogHandle {
@@ -63,6 +64,7 @@ impl Lab {
             istiod: None,
             istiod_config: None,
             ztunnels: Vec::new(),
+            waypoints: Vec::new(),
         };
         let istiod = lab.istiod_address();
         let config = istiod_lite::Config::try_parse_from([
@@ -151,6 +153,39 @@ impl Lab {
             .await
     }
 
+    /// Starts a waypoint for Gateway `namespace/gateway` on node `index` (1-based), serving HBONE
+    /// on `ip` (its pod's address), and waits until it is ready.
+    pub async fn start_waypoint(
+        &mut self,
+        index: usize,
+        namespace: &str,
+        gateway: &str,
+        ip: &str,
+    ) -> anyhow::Result<()> {
+        let node = format!("node-{index}");
+        let config = waypoint::Config::try_parse_from([
+            "waypoint".to_owned(),
+            format!("--node-name={node}"),
+            format!("--namespace={namespace}"),
+            format!("--gateway={gateway}"),
+            format!("--service-account={gateway}"),
+            format!("--xds-address=http://{}", self.istiod_address()),
+            format!("--root-cert={}", self.dir.join("ca/root-cert.pem").display()),
+            format!("--token-file={}", self.dir.join("tokens").join(&node).display()),
+            format!("--hbone-addr={ip}:15008"),
+            format!("--admin-addr={ip}:15000"),
+            format!("--metrics-addr={ip}:15020"),
+            format!("--readiness-addr={ip}:15021"),
+            "--drain-deadline=1s".to_owned(),
+        ])?;
+        let config = Arc::new(config);
+        self.waypoints.push(on_own_runtime(1, "waypoint", move || {
+            let config = config.clone();
+            async move { waypoint::run(config, Signals::install()?, quiet_log()).await }
+        })?);
+        self.wait_ready(format!("{ip}:15021").parse()?).await
+    }
+
     /// Stops istiod-lite at once: its connections drop, ztunnels keep their last state.
     pub fn stop_istiod(&mut self) {
         if let Some(runtime) = self.istiod.take() {
@@ -224,6 +259,9 @@ impl Drop for Lab {
     fn drop(&mut self) {
         for index in 1..=self.ztunnels.len() {
             self.crash_ztunnel(index);
+        }
+        for runtime in self.waypoints.drain(..) {
+            runtime.shutdown_background();
         }
         self.stop_istiod();
         let _ = std::fs::remove_dir_all(&self.dir);

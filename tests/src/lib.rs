@@ -82,3 +82,38 @@ pub fn greeting_echo_app_on(
     });
     accepted
 }
+
+/// A test HTTP/1.1 app on `address`: answers `<name> <METHOD> <path>` with `x-served-by: <name>`;
+/// `/status/<code>` answers that code. Returns the count of requests it served.
+pub async fn http_app(address: &str, name: &'static str) -> Arc<std::sync::atomic::AtomicUsize> {
+    use hyper::service::service_fn;
+    let listener = tokio::net::TcpListener::bind(address).await.expect("bind the app");
+    let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = served.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let counter = counter.clone();
+            let service = service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let status = request
+                    .uri()
+                    .path()
+                    .strip_prefix("/status/")
+                    .and_then(|code| code.parse::<u16>().ok())
+                    .unwrap_or(200);
+                let body = format!("{name} {} {}", request.method(), request.uri().path());
+                let response = hyper::Response::builder()
+                    .status(status)
+                    .header("x-served-by", name)
+                    .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                    .expect("valid response");
+                async move { Ok::<_, std::convert::Infallible>(response) }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    served
+}
