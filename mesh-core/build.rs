@@ -1,4 +1,4 @@
-//! Compiles the Istio-compatible protos with protox (pure Rust), so no system `protoc` is needed.
+//! Compiles the Istio-compatible protos (and the waypoint's own) with protox (pure Rust), so no system `protoc` is needed.
 
 const PROTOS: &[&str] = &[
     "workload.proto",
@@ -7,6 +7,7 @@ const PROTOS: &[&str] = &[
     "ca.proto",
     "envoy_core.proto",
     "rpc_status.proto",
+    "waypoint.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

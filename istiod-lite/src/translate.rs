@@ -3,6 +3,7 @@
 //! (`istio.security.Authorization`). No I/O: every rule is tested with plain fixtures.
 
 pub mod authorization;
+pub mod routes;
 pub mod services;
 pub mod waypoints;
 pub mod workloads;
@@ -11,7 +12,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use mesh_core::proto::workload::{Address, Service, Workload, address};
-use mesh_core::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use mesh_core::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, HTTP_ROUTE_TYPE_URL};
 
 use crate::store::Objects;
 use crate::xds::Resource;
@@ -56,6 +57,8 @@ pub struct Translation {
     pub workloads: Vec<Workload>,
     pub services: Vec<Service>,
     pub authorizations: Vec<mesh_core::proto::security::Authorization>,
+    /// HTTPRoutes attached to services, for waypoints.
+    pub http_routes: Vec<mesh_core::proto::waypoint::HttpRoute>,
     pub reports: Vec<Report>,
 }
 
@@ -80,9 +83,15 @@ impl Translation {
             .iter()
             .map(|a| Resource::new(AUTHORIZATION_TYPE_URL, format!("{}/{}", a.namespace, a.name), a))
             .collect();
+        let http_routes = self
+            .http_routes
+            .iter()
+            .map(|r| Resource::new(HTTP_ROUTE_TYPE_URL, format!("{}/{}", r.namespace, r.name), r))
+            .collect();
         vec![
             (ADDRESS_TYPE_URL.to_owned(), workloads.chain(services).collect()),
             (AUTHORIZATION_TYPE_URL.to_owned(), authorizations),
+            (HTTP_ROUTE_TYPE_URL.to_owned(), http_routes),
         ]
     }
 }
@@ -104,12 +113,14 @@ pub fn translate(objects: &Objects, mesh: &Mesh) -> Translation {
         &mut reports,
     ));
     workloads.extend(entry_workloads);
+    let http_routes = routes::translate(objects, mesh, &mut reports);
     reports.sort();
     reports.dedup();
     Translation {
         workloads,
         services,
         authorizations: policies.resources,
+        http_routes,
         reports,
     }
 }

@@ -453,3 +453,70 @@ fn service_entries_and_workload_entries() {
         "selected by the Service and the ServiceEntry, with the entry's named port"
     );
 }
+
+#[test]
+fn http_routes_attached_to_services_are_resolved_for_waypoints() {
+    use mesh_core::proto::waypoint::{http_filter, http_match, value_match};
+    let translation = load(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: reviews, namespace: shop}\nspec: {ports: [{port: 80}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: reviews-v2, namespace: shop}\nspec: {ports: [{port: 8080}]}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: split, namespace: shop}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: reviews}, {group: \"\", kind: Service, name: missing}, {name: some-gateway}]\n  rules:\n  - matches: [{path: {type: PathPrefix, value: /api}, headers: [{name: x-version, value: v2}], method: get}]\n    filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-routed, value: \"yes\"}]}}, {type: Mirror}]\n    backendRefs: [{name: reviews-v2, port: 8080, weight: 90}, {name: gone, port: 80, weight: 10}, {name: reviews}]\n    timeouts: {request: 500ms}\n    retry: {attempts: 2, codes: [503], backoff: 100ms}\n  - matches: [{path: {type: RegularExpression, value: \"/bad(\"}}, {queryParams: [{type: RegularExpression, name: q, value: \"a.*\"}]}]\n",
+    );
+    assert_eq!(translation.http_routes.len(), 1);
+    let route = &translation.http_routes[0];
+    assert_eq!((route.namespace.as_str(), route.name.as_str()), ("shop", "split"));
+    assert_eq!(
+        route.parents,
+        ["shop/reviews.shop.svc.cluster.local"],
+        "only existing Service parents"
+    );
+    let rule = &route.rules[0];
+    let matched = &rule.matches[0];
+    assert_eq!(matched.path, Some(http_match::Path::Prefix("/api".into())));
+    assert_eq!(matched.method, "GET");
+    assert_eq!(matched.headers[0].value, Some(value_match::Value::Exact("v2".into())));
+    assert!(matches!(
+        rule.filters[..],
+        [mesh_core::proto::waypoint::HttpFilter {
+            kind: Some(http_filter::Kind::RequestHeaderModifier(_))
+        }]
+    ));
+    let backends: Vec<_> = rule
+        .backends
+        .iter()
+        .map(|b| (b.service.as_str(), b.port, b.weight))
+        .collect();
+    assert_eq!(
+        backends,
+        [
+            ("shop/reviews-v2.shop.svc.cluster.local", 8080, 90),
+            ("shop/gone.shop.svc.cluster.local", 80, 10)
+        ],
+        "a backend without a port is left out"
+    );
+    assert_eq!(rule.timeout_ms, 500);
+    let retry = rule.retry.as_ref().unwrap();
+    assert_eq!(
+        (retry.attempts, retry.codes.as_slice(), retry.backoff_ms),
+        (2, &[503][..], 100)
+    );
+    // The bad regex drops its match only; the valid one stays.
+    assert_eq!(route.rules[1].matches.len(), 1);
+    assert_eq!(
+        route.rules[1].matches[0].query_params[0].value,
+        Some(value_match::Value::Regex("a.*".into()))
+    );
+    let reports = reports_for(&translation, "HTTPRoute/shop/split");
+    for expected in [
+        "spec.parentRefs[1]: Service shop/missing not found",
+        "spec.rules[0].filters[1].type: filter \"Mirror\" is not supported",
+        "spec.rules[0].backendRefs[1]: Service shop/gone not found",
+        "spec.rules[0].backendRefs[2]: port is required for a Service backend",
+    ] {
+        assert!(reports.iter().any(|r| r == expected), "{expected} not in {reports:?}");
+    }
+    assert!(
+        reports
+            .iter()
+            .any(|r| r.starts_with("spec.rules[1].matches[0].path.value: regex \"/bad(\"")),
+        "{reports:?}"
+    );
+}

@@ -47,6 +47,15 @@ pub mod envoy {
     }
 }
 
+/// The waypoint's own resources (not Istio's: Istio's waypoints take Envoy's xDS).
+pub mod mesh {
+    pub mod waypoint {
+        pub mod v1 {
+            generated!("mesh.waypoint.v1.rs");
+        }
+    }
+}
+
 pub mod google {
     pub mod rpc {
         generated!("google.rpc.rs");
@@ -56,8 +65,11 @@ pub mod google {
 pub use envoy::service::discovery::v3 as discovery;
 pub use istio::v1::auth as ca;
 pub use istio::{security, workload};
+pub use mesh::waypoint::v1 as waypoint;
 
 /// Type URL of `Address` resources (workloads and services) in delta xDS.
 pub const ADDRESS_TYPE_URL: &str = "type.googleapis.com/istio.workload.Address";
 /// Type URL of `Authorization` resources in delta xDS.
 pub const AUTHORIZATION_TYPE_URL: &str = "type.googleapis.com/istio.security.Authorization";
+/// Type URL of the waypoint's `HttpRoute` resources in delta xDS.
+pub const HTTP_ROUTE_TYPE_URL: &str = "type.googleapis.com/mesh.waypoint.v1.HttpRoute";

@@ -7,12 +7,13 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use mesh_core::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use mesh_core::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, HTTP_ROUTE_TYPE_URL};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 pub enum ResourceType {
     Address,
     Authorization,
+    HttpRoute,
     Other,
 }
 
@@ -21,6 +22,7 @@ impl ResourceType {
         match type_url {
             ADDRESS_TYPE_URL => Self::Address,
             AUTHORIZATION_TYPE_URL => Self::Authorization,
+            HTTP_ROUTE_TYPE_URL => Self::HttpRoute,
             _ => Self::Other,
         }
     }
