@@ -99,3 +99,113 @@ async fn requests_to_a_service_go_through_its_waypoint() {
         "{inbound}"
     );
 }
+
+/// The demo of `manifests`, with the servers labelled v1 and v2, a Service per version, and an
+/// HTTPRoute on `server`.
+fn routed_manifests(base: u8) -> String {
+    let mut yaml = manifests().replace("127.64.", &format!("127.{base}."));
+    for (name, version) in [("server-1", "v1"), ("server-2", "v2")] {
+        yaml = yaml.replace(
+            &format!("{{name: {name}, namespace: demo, labels: {{app: server}}}}"),
+            &format!("{{name: {name}, namespace: demo, labels: {{app: server, version: {version}}}}}"),
+        );
+        yaml += &format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: server-{version}, namespace: demo}}\nspec: {{selector: {{app: server, version: {version}}}, clusterIP: 127.{base}.97.{}, ports: [{{port: 8080, targetPort: http}}]}}\n",
+            if version == "v1" { 1 } else { 2 }
+        );
+    }
+    yaml += r#"---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: server, namespace: demo}
+spec:
+  parentRefs: [{group: "", kind: Service, name: server}]
+  rules:
+  - matches: [{headers: [{name: x-version, value: v2}]}]
+    backendRefs: [{name: server-v2, port: 8080}]
+  - matches: [{path: {type: Exact, value: /flaky}}]
+    backendRefs: [{name: server-v1, port: 8080}]
+    retry: {attempts: 2, codes: [503], backoff: 10ms}
+  - matches: [{path: {type: Exact, value: /slow}}]
+    backendRefs: [{name: server-v1, port: 8080}]
+    timeouts: {request: 200ms}
+  - backendRefs: [{name: server-v1, port: 8080, weight: 90}, {name: server-v2, port: 8080, weight: 10}]
+    filters: [{type: ResponseHeaderModifier, responseHeaderModifier: {set: [{name: x-route, value: split}]}}]
+"#;
+    yaml
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_httproute_splits_matches_retries_and_times_out_at_the_waypoint() {
+    use http_body_util::BodyExt;
+    let base = 65;
+    let mut lab = Lab::start(base, &routed_manifests(base), &["node-1", "node-2"])
+        .await
+        .unwrap();
+    lab.start_waypoint(1, "demo", "waypoint", &format!("127.{base}.1.50"))
+        .await
+        .unwrap();
+    let _one = http_app(&format!("127.{base}.2.1:8080"), "server-1").await;
+    let _two = http_app(&format!("127.{base}.2.2:8080"), "server-2").await;
+
+    // One keep-alive HTTP/1.1 connection from the client pod to the service.
+    let service: SocketAddr = format!("127.{base}.99.1:80").parse().unwrap();
+    let stream = lab.connect(1, &format!("127.{base}.1.1"), service).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let mut send = async |path: &str, version: Option<&str>| -> (u16, http::HeaderMap, String) {
+        let mut request = http::Request::get(path).header("host", "server.demo");
+        if let Some(version) = version {
+            request = request.header("x-version", version);
+        }
+        sender.ready().await.expect("the keep-alive connection is still open");
+        let response = sender
+            .send_request(request.body(http_body_util::Empty::<bytes::Bytes>::new()).unwrap())
+            .await
+            .unwrap();
+        let (head, body) = response.into_parts();
+        let body = String::from_utf8(body.collect().await.unwrap().to_bytes().to_vec()).unwrap();
+        (head.status.as_u16(), head.headers, body)
+    };
+
+    // The route may take a moment to reach the waypoint.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while send("/probe", None).await.1.get("x-route").is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the HTTPRoute never reached the waypoint"
+        );
+    }
+
+    // 90/10 over 1,000 requests.
+    let mut v2 = 0;
+    for _ in 0..1000 {
+        let (status, headers, body) = send("/split", None).await;
+        assert_eq!((status, headers["x-route"].to_str().unwrap()), (200, "split"), "{body}");
+        v2 += usize::from(body.starts_with("server-2"));
+    }
+    assert!((50..=150).contains(&v2), "v2 got {v2} of 1000 (want 100 ± 50)");
+
+    // A header match goes to v2 only.
+    for _ in 0..5 {
+        let (status, _, body) = send("/any", Some("v2")).await;
+        assert_eq!((status, body.as_str()), (200, "server-2 GET /any"));
+    }
+
+    // The flaky backend fails every other request; the retry turns each 503 into a 200.
+    for _ in 0..4 {
+        let (status, _, body) = send("/flaky", None).await;
+        assert_eq!((status, body.as_str()), (200, "server-1 GET /flaky"));
+    }
+
+    // The timeout fires before the slow backend answers.
+    let started = std::time::Instant::now();
+    let (status, _, body) = send("/slow", None).await;
+    assert_eq!((status, body.trim()), (504, "upstream request timeout"));
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "answered by the timeout, not the app"
+    );
+}

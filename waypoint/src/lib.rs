@@ -16,10 +16,10 @@ use mesh_core::certificates::{CertificateManager, CertificateSource, Retry};
 use mesh_core::hbone::{Server, ServerCertificates};
 use mesh_core::identity::{SpiffeId, tls};
 use mesh_core::lifecycle::{Lifecycle, Signals};
-use mesh_core::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use mesh_core::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, HTTP_ROUTE_TYPE_URL};
 use mesh_core::state::{State, StateHandler};
 use mesh_core::telemetry::LogHandle;
-use mesh_core::xds;
+use mesh_core::xds::{self, Handler, Rejection, Update};
 use prometheus_client::registry::Registry;
 use tracing::info;
 
@@ -27,6 +27,23 @@ pub use config::Config;
 
 use crate::metrics::RequestMetrics;
 use crate::proxy::Waypoint;
+use crate::route::config::RouteStore;
+
+/// What xDS delivers: workloads, services and L4 policies into the state, HttpRoutes into the
+/// route tables.
+struct ConfigHandler {
+    state: StateHandler,
+    routes: RouteStore,
+}
+
+impl Handler for ConfigHandler {
+    fn apply(&mut self, type_url: &str, updates: Vec<Update>, removed: Vec<String>) -> Vec<Rejection> {
+        match type_url {
+            HTTP_ROUTE_TYPE_URL => self.routes.apply(updates, removed),
+            _ => self.state.apply(type_url, updates, removed),
+        }
+    }
+}
 
 /// The waypoint's own certificate for every HBONE connection.
 struct OwnCertificate<S> {
@@ -53,7 +70,12 @@ pub async fn run(config: Arc<Config>, signals: Signals, log: LogHandle) -> anyho
     let mut lifecycle = Lifecycle::new();
 
     let state = Arc::new(RwLock::new(State::default()));
-    let (handler, _changes) = StateHandler::new(state.clone());
+    let (state_handler, _changes) = StateHandler::new(state.clone());
+    let tables = route::config::Tables::default();
+    let handler = ConfigHandler {
+        state: state_handler,
+        routes: RouteStore::new(tables.clone()),
+    };
     let node = mesh_core::control::node(
         "waypoint",
         &format!("{}.{}", config.gateway, config.namespace),
@@ -62,7 +84,7 @@ pub async fn run(config: Arc<Config>, signals: Signals, log: LogHandle) -> anyho
     let client = xds::Client::new(
         control.xds,
         node,
-        &[ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL],
+        &[ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, HTTP_ROUTE_TYPE_URL],
         xds::Backoff::default(),
         handler,
     );
@@ -81,6 +103,7 @@ pub async fn run(config: Arc<Config>, signals: Signals, log: LogHandle) -> anyho
     let metrics = RequestMetrics::register(&mut registry);
     let waypoint = Arc::new(Waypoint::new(
         state,
+        tables,
         certificates.clone(),
         identity.clone(),
         &config.network,

@@ -7,7 +7,6 @@
 
 mod sniff;
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,6 +14,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use bytes::Bytes;
+use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
@@ -28,7 +28,8 @@ use mesh_core::state::{NetworkAddress, State, identity_of, service_key};
 use tracing::{debug, info, warn};
 
 use crate::metrics::{RequestLabels, RequestMetrics};
-use crate::route::{self, RouteTable};
+use crate::route;
+use crate::route::config::Tables;
 use sniff::{Protocol, Rewind, sniff};
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -53,7 +54,7 @@ pub struct Waypoint<S> {
     pub pool: Pool,
     pub metrics: RequestMetrics,
     /// Service key (`namespace/hostname`) → its HTTPRoutes.
-    pub routes: RwLock<HashMap<String, Arc<RouteTable>>>,
+    pub routes: Tables,
     next_endpoint: AtomicUsize,
 }
 
@@ -89,6 +90,7 @@ enum UpstreamError {
 impl<S: CertificateSource> Waypoint<S> {
     pub fn new(
         state: Arc<RwLock<State>>,
+        routes: Tables,
         certificates: Arc<CertificateManager<S>>,
         identity: SpiffeId,
         network: &str,
@@ -101,7 +103,7 @@ impl<S: CertificateSource> Waypoint<S> {
             network: network.to_owned(),
             pool: Pool::new(hbone::PoolConfig::default()),
             metrics,
-            routes: RwLock::default(),
+            routes,
             next_endpoint: AtomicUsize::new(0),
         }
     }
@@ -196,33 +198,12 @@ impl<S: CertificateSource> Waypoint<S> {
             local = Some(Response::from_parts(head, text_body("")));
         }
 
-        // Upstream.
-        let (mut response, upstream) = match local {
-            Some(response) => (response, None),
+        // Upstream (with the rule's timeout and retries).
+        let (mut response, upstream, flags) = match local {
+            Some(response) => (response, None, "-"),
             None => {
-                let endpoint = match &selected {
-                    Some(selected) => self.pick_backend(selected.rule),
-                    None => self.pick_endpoint(destination),
-                };
-                match endpoint {
-                    Ok((workload, address)) => match self.upstream(parts, body, &workload, address, client).await {
-                        Ok(response) => (response.map(|b| b.boxed()), Some((workload, address))),
-                        Err(error) => {
-                            warn!(upstream = %address, %error, "upstream failed");
-                            (
-                                local_response(
-                                    StatusCode::SERVICE_UNAVAILABLE,
-                                    &format!("upstream connect error: {error}"),
-                                ),
-                                Some((workload, address)),
-                            )
-                        }
-                    },
-                    Err(error) => (
-                        local_response(StatusCode::SERVICE_UNAVAILABLE, &error.to_string()),
-                        None,
-                    ),
-                }
+                let rule = selected.as_ref().map(|s| s.rule);
+                self.send_upstream(parts, body, rule, destination, client).await
             }
         };
 
@@ -237,7 +218,7 @@ impl<S: CertificateSource> Waypoint<S> {
         let status = response.status();
         let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
         let upstream_workload = upstream.as_ref().map(|(w, _)| w.clone());
-        let labels = self.labels(destination, client, upstream_workload.as_deref(), status);
+        let labels = self.labels(destination, client, upstream_workload.as_deref(), status, flags);
         let response_bytes = content_length(response.headers());
         self.metrics.record(&labels, duration_ms, request_bytes, response_bytes);
         info!(
@@ -317,15 +298,107 @@ impl<S: CertificateSource> Waypoint<S> {
         Box::pin(connect).await.map_err(UpstreamError::Connect)
     }
 
-    /// Sends the request to `address` over HBONE as HTTP/1.1.
-    async fn upstream(
+    /// The upstream phase: an endpoint (the rule's backend, or the destination), the request
+    /// sent, a response. With a retry policy the body is held so it can be sent again; the
+    /// timeout covers every attempt. The response, the endpoint it came from, Envoy's flag.
+    async fn send_upstream(
         &self,
-        mut parts: http::request::Parts,
+        parts: Parts,
         body: Incoming,
+        rule: Option<&route::Rule>,
+        destination: &Destination,
+        client: &Client,
+    ) -> (Response<Body>, Option<(Arc<Workload>, SocketAddr)>, &'static str) {
+        let attempts = async {
+            let Some(retry) = rule.and_then(|r| r.retry.clone()) else {
+                return self.attempt(parts, body, rule, destination, client).await;
+            };
+            let body = match body.collect().await {
+                Ok(collected) => collected.to_bytes(),
+                Err(error) => {
+                    let text = format!("request body: {error}");
+                    return (local_response(StatusCode::BAD_REQUEST, &text), None, "-");
+                }
+            };
+            let mut tried = 0;
+            loop {
+                let outcome = self
+                    .attempt(clone_parts(&parts), Full::new(body.clone()), rule, destination, client)
+                    .await;
+                if tried >= retry.attempts || !retry.codes.contains(&outcome.0.status().as_u16()) {
+                    return outcome;
+                }
+                tried += 1;
+                debug!(status = outcome.0.status().as_u16(), attempt = tried + 1, "retrying");
+                tokio::time::sleep(retry.backoff).await;
+            }
+        };
+        match rule.and_then(|r| r.timeout) {
+            None => attempts.await,
+            Some(limit) => tokio::time::timeout(limit, attempts).await.unwrap_or_else(|_| {
+                (
+                    local_response(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
+                    None,
+                    "UT",
+                )
+            }),
+        }
+    }
+
+    /// One attempt: pick an endpoint, send, answer 503 when that fails.
+    async fn attempt<B>(
+        &self,
+        parts: Parts,
+        body: B,
+        rule: Option<&route::Rule>,
+        destination: &Destination,
+        client: &Client,
+    ) -> (Response<Body>, Option<(Arc<Workload>, SocketAddr)>, &'static str)
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let endpoint = match rule {
+            Some(rule) if !rule.backends.is_empty() => self.pick_backend(rule),
+            _ => self.pick_endpoint(destination),
+        };
+        let (workload, address) = match endpoint {
+            Ok(endpoint) => endpoint,
+            Err(error) => {
+                return (
+                    local_response(StatusCode::SERVICE_UNAVAILABLE, &error.to_string()),
+                    None,
+                    "UH",
+                );
+            }
+        };
+        match self.upstream(parts, body, &workload, address, client).await {
+            Ok(response) => (response.map(|b| b.boxed()), Some((workload, address)), "-"),
+            Err(error) => {
+                warn!(upstream = %address, %error, "upstream failed");
+                let text = format!("upstream connect error: {error}");
+                (
+                    local_response(StatusCode::SERVICE_UNAVAILABLE, &text),
+                    Some((workload, address)),
+                    "UF",
+                )
+            }
+        }
+    }
+
+    /// Sends the request to `address` over HBONE as HTTP/1.1.
+    async fn upstream<B>(
+        &self,
+        mut parts: Parts,
+        body: B,
         workload: &Workload,
         address: SocketAddr,
         client: &Client,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<Incoming>, UpstreamError>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let stream = self.tunnel(workload, address, client).await?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
@@ -374,6 +447,7 @@ impl<S: CertificateSource> Waypoint<S> {
         client: &Client,
         upstream: Option<&Workload>,
         status: StatusCode,
+        flags: &'static str,
     ) -> RequestLabels {
         let or_unknown = |value: Option<&str>| value.filter(|v| !v.is_empty()).unwrap_or("unknown").to_owned();
         let workload_name = |w: &Workload| {
@@ -402,14 +476,20 @@ impl<S: CertificateSource> Waypoint<S> {
             destination_service_namespace: or_unknown(service.map(|s| s.namespace.as_str())),
             request_protocol: "http",
             response_code: status.as_u16(),
-            response_flags: if status == StatusCode::SERVICE_UNAVAILABLE && upstream.is_none() {
-                "UH"
-            } else {
-                "-"
-            },
+            response_flags: flags,
             connection_security_policy: "mutual_tls",
         }
     }
+}
+
+/// A request head again, for another attempt (extensions are not carried).
+fn clone_parts(parts: &Parts) -> Parts {
+    let mut request = Request::new(());
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = parts.uri.clone();
+    *request.version_mut() = parts.version;
+    *request.headers_mut() = parts.headers.clone();
+    request.into_parts().0
 }
 
 /// The client from `Forwarded: for=<ip>`.

@@ -5,6 +5,7 @@
 //! filters, timeout and retry policy the request gets. Pure: no I/O, so the semantics are tested
 //! here and the proxy only asks.
 
+pub mod config;
 pub mod filters;
 
 use std::sync::atomic::{AtomicU64, Ordering};
