@@ -3,6 +3,7 @@
 //! (`istio.security.Authorization`). No I/O: every rule is tested with plain fixtures.
 
 pub mod authorization;
+pub mod l7;
 pub mod routes;
 pub mod services;
 pub mod waypoints;
@@ -12,7 +13,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use mesh_core::proto::workload::{Address, Service, Workload, address};
-use mesh_core::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, HTTP_ROUTE_TYPE_URL};
+use mesh_core::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, HTTP_ROUTE_TYPE_URL, L7_POLICY_TYPE_URL};
 
 use crate::store::Objects;
 use crate::xds::Resource;
@@ -59,6 +60,8 @@ pub struct Translation {
     pub authorizations: Vec<mesh_core::proto::security::Authorization>,
     /// HTTPRoutes attached to services, for waypoints.
     pub http_routes: Vec<mesh_core::proto::waypoint::HttpRoute>,
+    /// AuthorizationPolicies with targetRefs, for waypoints.
+    pub l7_policies: Vec<mesh_core::proto::waypoint::L7Policy>,
     pub reports: Vec<Report>,
 }
 
@@ -88,10 +91,16 @@ impl Translation {
             .iter()
             .map(|r| Resource::new(HTTP_ROUTE_TYPE_URL, format!("{}/{}", r.namespace, r.name), r))
             .collect();
+        let l7_policies = self
+            .l7_policies
+            .iter()
+            .map(|p| Resource::new(L7_POLICY_TYPE_URL, format!("{}/{}", p.namespace, p.name), p))
+            .collect();
         vec![
             (ADDRESS_TYPE_URL.to_owned(), workloads.chain(services).collect()),
             (AUTHORIZATION_TYPE_URL.to_owned(), authorizations),
             (HTTP_ROUTE_TYPE_URL.to_owned(), http_routes),
+            (L7_POLICY_TYPE_URL.to_owned(), l7_policies),
         ]
     }
 }
@@ -114,6 +123,7 @@ pub fn translate(objects: &Objects, mesh: &Mesh) -> Translation {
     ));
     workloads.extend(entry_workloads);
     let http_routes = routes::translate(objects, mesh, &mut reports);
+    let l7_policies = l7::translate(objects, &mut reports);
     reports.sort();
     reports.dedup();
     Translation {
@@ -121,6 +131,7 @@ pub fn translate(objects: &Objects, mesh: &Mesh) -> Translation {
         services,
         authorizations: policies.resources,
         http_routes,
+        l7_policies,
         reports,
     }
 }

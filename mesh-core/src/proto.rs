@@ -73,3 +73,5 @@ pub const ADDRESS_TYPE_URL: &str = "type.googleapis.com/istio.workload.Address";
 pub const AUTHORIZATION_TYPE_URL: &str = "type.googleapis.com/istio.security.Authorization";
 /// Type URL of the waypoint's `HttpRoute` resources in delta xDS.
 pub const HTTP_ROUTE_TYPE_URL: &str = "type.googleapis.com/mesh.waypoint.v1.HttpRoute";
+/// Type URL of the waypoint's `L7Policy` resources in delta xDS.
+pub const L7_POLICY_TYPE_URL: &str = "type.googleapis.com/mesh.waypoint.v1.L7Policy";

@@ -1,7 +1,9 @@
 //! The waypoint in the loop: namespace `demo` uses waypoint `waypoint`, so a client's requests to
 //! the `server` service go client → ztunnel → HBONE → waypoint → HBONE (the waypoint's identity)
 //! → ztunnel → app. The waypoint answers for HTTP, spreads requests over the endpoints and counts
-//! them in `istio_requests_total`; the servers' ztunnel sees the waypoint's identity.
+//! them in `istio_requests_total`, enforces L7 AuthorizationPolicies attached to it, and applies
+//! HTTPRoutes (weighted split, header match, retry, timeout); the servers' ztunnel sees the
+//! waypoint's identity.
 
 use std::net::SocketAddr;
 
@@ -85,6 +87,24 @@ async fn requests_to_a_service_go_through_its_waypoint() {
             .sum()
     };
     assert_eq!((count("200"), count("503")), (4, 1), "{metrics}");
+
+    // An L7 policy on the waypoint: GET /allowed* only. DELETE / gets 403 from the waypoint.
+    lab.write_config(
+        "policy.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: get-allowed, namespace: demo}\nspec:\n  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}]\n  rules: [{to: [{operation: {methods: [GET], paths: [\"/allowed*\"]}}]}]\n",
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (status, response) = request(&lab, "DELETE", "/").await.unwrap();
+        if status == 403 {
+            assert_eq!(body(&response).trim(), "RBAC: access denied");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the policy never took effect: {response}");
+    }
+    let (status, response) = request(&lab, "GET", "/allowed/page").await.unwrap();
+    assert_eq!(status, 200, "{response}");
 
     // The servers' ztunnel saw the waypoint's identity, not the client's.
     let (_, inbound) = http_get(format!("{}:15020", lab.node_host(2)).parse().unwrap(), "/metrics")

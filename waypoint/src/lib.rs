@@ -3,6 +3,7 @@
 //! [`proxy`]: HTTP requests are routed by [`route`] (HTTPRoute) and sent over HBONE to an
 //! endpoint; other bytes are carried as TCP. Request metrics in [`metrics`].
 
+pub mod authz;
 pub mod config;
 pub mod metrics;
 pub mod proxy;
@@ -16,7 +17,7 @@ use mesh_core::certificates::{CertificateManager, CertificateSource, Retry};
 use mesh_core::hbone::{Server, ServerCertificates};
 use mesh_core::identity::{SpiffeId, tls};
 use mesh_core::lifecycle::{Lifecycle, Signals};
-use mesh_core::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, HTTP_ROUTE_TYPE_URL};
+use mesh_core::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, HTTP_ROUTE_TYPE_URL, L7_POLICY_TYPE_URL};
 use mesh_core::state::{State, StateHandler};
 use mesh_core::telemetry::LogHandle;
 use mesh_core::xds::{self, Handler, Rejection, Update};
@@ -25,6 +26,7 @@ use tracing::info;
 
 pub use config::Config;
 
+use crate::authz::PolicyStore;
 use crate::metrics::RequestMetrics;
 use crate::proxy::Waypoint;
 use crate::route::config::RouteStore;
@@ -34,12 +36,14 @@ use crate::route::config::RouteStore;
 struct ConfigHandler {
     state: StateHandler,
     routes: RouteStore,
+    policies: PolicyStore,
 }
 
 impl Handler for ConfigHandler {
     fn apply(&mut self, type_url: &str, updates: Vec<Update>, removed: Vec<String>) -> Vec<Rejection> {
         match type_url {
             HTTP_ROUTE_TYPE_URL => self.routes.apply(updates, removed),
+            L7_POLICY_TYPE_URL => self.policies.apply(updates, removed),
             _ => self.state.apply(type_url, updates, removed),
         }
     }
@@ -72,9 +76,11 @@ pub async fn run(config: Arc<Config>, signals: Signals, log: LogHandle) -> anyho
     let state = Arc::new(RwLock::new(State::default()));
     let (state_handler, _changes) = StateHandler::new(state.clone());
     let tables = route::config::Tables::default();
+    let policies = authz::Policies::default();
     let handler = ConfigHandler {
         state: state_handler,
         routes: RouteStore::new(tables.clone()),
+        policies: PolicyStore::new(policies.clone()),
     };
     let node = mesh_core::control::node(
         "waypoint",
@@ -84,7 +90,12 @@ pub async fn run(config: Arc<Config>, signals: Signals, log: LogHandle) -> anyho
     let client = xds::Client::new(
         control.xds,
         node,
-        &[ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, HTTP_ROUTE_TYPE_URL],
+        &[
+            ADDRESS_TYPE_URL,
+            AUTHORIZATION_TYPE_URL,
+            HTTP_ROUTE_TYPE_URL,
+            L7_POLICY_TYPE_URL,
+        ],
         xds::Backoff::default(),
         handler,
     );
@@ -101,9 +112,12 @@ pub async fn run(config: Arc<Config>, signals: Signals, log: LogHandle) -> anyho
     });
 
     let metrics = RequestMetrics::register(&mut registry);
+    let gateway = format!("Gateway/{}/{}", config.namespace, config.gateway);
     let waypoint = Arc::new(Waypoint::new(
         state,
         tables,
+        policies,
+        gateway,
         certificates.clone(),
         identity.clone(),
         &config.network,

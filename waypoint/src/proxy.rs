@@ -27,6 +27,7 @@ use mesh_core::proto::workload::{Service, Workload};
 use mesh_core::state::{NetworkAddress, State, identity_of, service_key};
 use tracing::{debug, info, warn};
 
+use crate::authz::Policies;
 use crate::metrics::{RequestLabels, RequestMetrics};
 use crate::route;
 use crate::route::config::Tables;
@@ -55,6 +56,11 @@ pub struct Waypoint<S> {
     pub metrics: RequestMetrics,
     /// Service key (`namespace/hostname`) → its HTTPRoutes.
     pub routes: Tables,
+    /// L7 AuthorizationPolicies; those targeting this waypoint's Gateway or the destination
+    /// service apply.
+    pub policies: Policies,
+    /// `Gateway/<namespace>/<name>`: this waypoint, as policies target it.
+    pub gateway: String,
     next_endpoint: AtomicUsize,
 }
 
@@ -91,6 +97,8 @@ impl<S: CertificateSource> Waypoint<S> {
     pub fn new(
         state: Arc<RwLock<State>>,
         routes: Tables,
+        policies: Policies,
+        gateway: String,
         certificates: Arc<CertificateManager<S>>,
         identity: SpiffeId,
         network: &str,
@@ -104,6 +112,8 @@ impl<S: CertificateSource> Waypoint<S> {
             pool: Pool::new(hbone::PoolConfig::default()),
             metrics,
             routes,
+            policies,
+            gateway,
             next_endpoint: AtomicUsize::new(0),
         }
     }
@@ -179,6 +189,27 @@ impl<S: CertificateSource> Waypoint<S> {
         let request_bytes = content_length(&parts.headers);
         let (method, path) = (parts.method.clone(), parts.uri.path().to_owned());
 
+        // Authorization: the L7 policies on this waypoint or on the destination service.
+        if let Err(denied) = self.authorize(&parts, destination, client) {
+            let response = local_response(StatusCode::FORBIDDEN, "RBAC: access denied");
+            info!(
+                target: "access",
+                protocol = "http",
+                src.addr = %client.address,
+                src.identity = %client.identity,
+                dst.target = %destination.target,
+                method = %method,
+                path = path.as_str(),
+                status = 403,
+                result = denied.as_str(),
+                "request denied"
+            );
+            let labels = self.labels(destination, client, None, StatusCode::FORBIDDEN, "-");
+            self.metrics
+                .record(&labels, started.elapsed().as_secs_f64() * 1000.0, request_bytes, 0);
+            return response;
+        }
+
         // Route: the service's HTTPRoutes, if any; else the service (or workload) itself.
         let table = destination
             .service
@@ -237,6 +268,33 @@ impl<S: CertificateSource> Waypoint<S> {
             "request complete"
         );
         response
+    }
+
+    fn authorize(&self, parts: &Parts, destination: &Destination, client: &Client) -> Result<(), String> {
+        let policies = self.policies.read().expect("not poisoned").clone();
+        let service_target = destination
+            .service
+            .as_ref()
+            .map(|s| format!("Service/{}/{}", s.namespace, s.name));
+        let applies = |p: &&Arc<mesh_core::proto::waypoint::L7Policy>| {
+            p.targets
+                .iter()
+                .any(|t| *t == self.gateway || Some(t) == service_target.as_ref())
+        };
+        let host = parts
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| parts.uri.host())
+            .unwrap_or_default();
+        let request = crate::authz::Request {
+            method: parts.method.as_str(),
+            path: parts.uri.path(),
+            host,
+            headers: &parts.headers,
+            source: &client.identity,
+        };
+        crate::authz::check(policies.iter().filter(applies).map(|p| p.as_ref()), &request)
     }
 
     /// A healthy endpoint of the destination service, or the destination workload itself.

@@ -7,13 +7,14 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use mesh_core::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, HTTP_ROUTE_TYPE_URL};
+use mesh_core::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, HTTP_ROUTE_TYPE_URL, L7_POLICY_TYPE_URL};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 pub enum ResourceType {
     Address,
     Authorization,
     HttpRoute,
+    L7Policy,
     Other,
 }
 
@@ -23,6 +24,7 @@ impl ResourceType {
             ADDRESS_TYPE_URL => Self::Address,
             AUTHORIZATION_TYPE_URL => Self::Authorization,
             HTTP_ROUTE_TYPE_URL => Self::HttpRoute,
+            L7_POLICY_TYPE_URL => Self::L7Policy,
             _ => Self::Other,
         }
     }

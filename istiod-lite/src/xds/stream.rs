@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use mesh_core::proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource as ProtoResource};
-use mesh_core::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, HTTP_ROUTE_TYPE_URL};
+use mesh_core::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, HTTP_ROUTE_TYPE_URL, L7_POLICY_TYPE_URL};
 use tokio::sync::{mpsc, watch};
 use tonic::{Status, Streaming};
 use tracing::{debug, info, warn};
@@ -12,7 +12,12 @@ use tracing::{debug, info, warn};
 use super::metrics::{Metrics, ResourceType, TypeLabels};
 use super::snapshot::Snapshot;
 
-const SERVED_TYPES: [&str; 3] = [ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, HTTP_ROUTE_TYPE_URL];
+const SERVED_TYPES: [&str; 4] = [
+    ADDRESS_TYPE_URL,
+    AUTHORIZATION_TYPE_URL,
+    HTTP_ROUTE_TYPE_URL,
+    L7_POLICY_TYPE_URL,
+];
 
 /// What a client subscribed to within one type, and the versions it holds.
 #[derive(Debug, Default)]
