@@ -115,8 +115,7 @@ pub async fn run(config: Arc<Config>, signals: Signals, log: LogHandle) -> anyho
     let gateway = format!("Gateway/{}/{}", config.namespace, config.gateway);
     let waypoint = Arc::new(Waypoint::new(
         state,
-        tables,
-        policies,
+        (tables, policies),
         gateway,
         certificates.clone(),
         identity.clone(),

@@ -96,8 +96,7 @@ enum UpstreamError {
 impl<S: CertificateSource> Waypoint<S> {
     pub fn new(
         state: Arc<RwLock<State>>,
-        routes: Tables,
-        policies: Policies,
+        (routes, policies): (Tables, Policies),
         gateway: String,
         certificates: Arc<CertificateManager<S>>,
         identity: SpiffeId,
