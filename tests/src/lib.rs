@@ -83,48 +83,9 @@ pub fn greeting_echo_app_on(
     accepted
 }
 
-/// A test HTTP/1.1 app on `address`: answers `<name> <METHOD> <path>` with `x-served-by: <name>`;
-/// `/status/<code>` answers that code, `/flaky` fails every other request with 503, `/slow`
-/// answers after 2 s. Returns the count of requests it served.
+/// A test HTTP/1.1 app on `address` (see [`mesh_lab::component::serve_http`]). Returns the
+/// count of requests it served.
 pub async fn http_app(address: &str, name: &'static str) -> Arc<std::sync::atomic::AtomicUsize> {
-    use hyper::service::service_fn;
     let listener = tokio::net::TcpListener::bind(address).await.expect("bind the app");
-    let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = served.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let counter = counter.clone();
-            let service = service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-                let count = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let path = request.uri().path().to_owned();
-                let status = match path.as_str() {
-                    "/flaky" if count.is_multiple_of(2) => 503,
-                    _ => path
-                        .strip_prefix("/status/")
-                        .and_then(|code| code.parse::<u16>().ok())
-                        .unwrap_or(200),
-                };
-                let delay = if path == "/slow" {
-                    std::time::Duration::from_secs(2)
-                } else {
-                    std::time::Duration::ZERO
-                };
-                let body = format!("{name} {} {}", request.method(), request.uri().path());
-                let response = hyper::Response::builder()
-                    .status(status)
-                    .header("x-served-by", name)
-                    .body(http_body_util::Full::new(bytes::Bytes::from(body)))
-                    .expect("valid response");
-                async move {
-                    tokio::time::sleep(delay).await;
-                    Ok::<_, std::convert::Infallible>(response)
-                }
-            });
-            tokio::spawn(
-                hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
-            );
-        }
-    });
-    served
+    mesh_lab::component::serve_http(listener, name.to_owned())
 }

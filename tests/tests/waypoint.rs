@@ -101,7 +101,10 @@ async fn requests_to_a_service_go_through_its_waypoint() {
             assert_eq!(body(&response).trim(), "RBAC: access denied");
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the policy never took effect: {response}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the policy never took effect: {response}"
+        );
     }
     let (status, response) = request(&lab, "GET", "/allowed/page").await.unwrap();
     assert_eq!(status, 200, "{response}");

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 
-/// `<binary> --mesh-role <istiod-lite|ztunnel|echo> <flags…>` runs that component.
+/// `<binary> --mesh-role <istiod-lite|ztunnel|waypoint|echo|http> <flags…>` runs that component.
 pub const ROLE_FLAG: &str = "--mesh-role";
 
 /// Runs the component when this process was started as one; `None` for the benchmark itself.
@@ -17,6 +17,18 @@ pub fn run_role_if_asked() -> Option<anyhow::Result<()>> {
     let at = args.iter().position(|a| a == ROLE_FLAG)?;
     let role = args.get(at + 1)?.clone();
     let flags = std::iter::once(role.clone()).chain(args[at + 2..].iter().cloned());
+    if role == "http" {
+        return Some(EchoArgs::try_parse_from(flags).map_err(Into::into).and_then(|a| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(async move {
+                    let listener = tokio::net::TcpListener::bind(a.listen).await?;
+                    serve_http(listener, a.name);
+                    std::future::pending::<anyhow::Result<()>>().await
+                })
+        }));
+    }
     if role == "echo" {
         return Some(
             EchoArgs::try_parse_from(flags)
@@ -48,6 +60,11 @@ pub fn run_role_if_asked() -> Option<anyhow::Result<()>> {
                 let log = mesh_core::telemetry::init_logging(&config.log)?;
                 istiod_lite::run(Arc::new(config), signals, log).await
             }
+            "waypoint" => {
+                let config = waypoint::Config::try_parse_from(flags)?;
+                let log = mesh_core::telemetry::init_logging(&config.log)?;
+                waypoint::run(Arc::new(config), signals, log).await
+            }
             "ztunnel" => {
                 let config = ztunnel::Config::try_parse_from(flags)?;
                 let log = mesh_core::telemetry::init_logging(&config.log)?;
@@ -58,7 +75,7 @@ pub fn run_role_if_asked() -> Option<anyhow::Result<()>> {
     }))
 }
 
-/// The lab's echo app: answers `<name>: ` and then echoes.
+/// The lab's test apps: where they listen, and the name they answer with.
 #[derive(Debug, clap::Parser)]
 struct EchoArgs {
     #[arg(long)]
@@ -135,4 +152,50 @@ impl Drop for Process {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The lab's HTTP/1.1 test app: answers `<name> <METHOD> <path>` with `x-served-by: <name>`;
+/// `/status/<code>` answers that code, `/flaky` fails every other request with 503, `/slow`
+/// answers after 2 s. Returns the count of requests it served.
+pub fn serve_http(listener: tokio::net::TcpListener, name: String) -> Arc<std::sync::atomic::AtomicUsize> {
+    use hyper::service::service_fn;
+    let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = served.clone();
+    let name: Arc<str> = name.into();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (counter, name) = (counter.clone(), name.clone());
+            let service = service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                let count = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let path = request.uri().path().to_owned();
+                let status = match path.as_str() {
+                    "/flaky" if count.is_multiple_of(2) => 503,
+                    _ => path
+                        .strip_prefix("/status/")
+                        .and_then(|code| code.parse::<u16>().ok())
+                        .unwrap_or(200),
+                };
+                let delay = if path == "/slow" {
+                    std::time::Duration::from_secs(2)
+                } else {
+                    std::time::Duration::ZERO
+                };
+                let body = format!("{name} {} {path}", request.method());
+                let response = hyper::Response::builder()
+                    .status(status)
+                    .header("x-served-by", &*name)
+                    .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                    .expect("valid response");
+                async move {
+                    tokio::time::sleep(delay).await;
+                    Ok::<_, std::convert::Infallible>(response)
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    served
 }

@@ -6,11 +6,30 @@ use std::net::SocketAddr;
 
 use crate::runner::{Lab, exchange, http_get};
 
-/// One connection the demo makes.
+/// One connection the demo makes, and what it sends.
 struct Call {
     from: (&'static str, &'static str),
     to: &'static str,
     address: SocketAddr,
+    send: &'static str,
+}
+
+/// The calls of the waypoint example (`examples/waypoint`): HTTP through the waypoint.
+fn waypoint_calls() -> Vec<Call> {
+    let at = |text: &str| text.parse().expect("demo address");
+    let reviews = |send| Call {
+        from: ("demo", "client"),
+        to: "service demo/reviews",
+        address: at("10.96.0.20:80"),
+        send,
+    };
+    vec![
+        reviews("GET / HTTP/1.1\r\nhost: reviews\r\nconnection: close\r\n\r\n"),
+        reviews("GET / HTTP/1.1\r\nhost: reviews\r\nx-version: v2\r\nconnection: close\r\n\r\n"),
+        reviews("GET /flaky HTTP/1.1\r\nhost: reviews\r\nconnection: close\r\n\r\n"),
+        reviews("GET /slow HTTP/1.1\r\nhost: reviews\r\nconnection: close\r\n\r\n"),
+        reviews("DELETE / HTTP/1.1\r\nhost: reviews\r\nconnection: close\r\n\r\n"),
+    ]
 }
 
 fn calls() -> Vec<Call> {
@@ -20,17 +39,20 @@ fn calls() -> Vec<Call> {
             from: ("demo", "client"),
             to: "service demo/server",
             address: at("10.96.0.10:80"),
+            send: "hello",
         })
         .collect();
     calls.push(Call {
         from: ("legacy", "legacy-client"),
         to: "pod demo/server-1",
         address: at("10.11.2.10:8080"),
+        send: "hello",
     });
     calls.push(Call {
         from: ("demo", "client"),
         to: "pod legacy/legacy-server",
         address: at("10.11.1.21:8080"),
+        send: "hello",
     });
     calls
 }
@@ -50,17 +72,27 @@ pub fn run(lab: &Lab) -> anyhow::Result<String> {
         out,
         "\n== Traffic (each pod's app connects to a plain address; it knows nothing of the mesh)"
     )?;
-    for call in calls() {
-        let answer = exchange(&lab.names.pod(call.from.0, call.from.1), call.address, b"hello")?;
+    let with_waypoint = lab.pod("demo", "reviews-v1").is_some();
+    let calls = if with_waypoint { waypoint_calls() } else { calls() };
+    for call in calls.into_iter().filter(|c| lab.pod(c.from.0, c.from.1).is_some()) {
+        let answer = exchange(&lab.names.pod(call.from.0, call.from.1), call.address, call.send.as_bytes())?;
         let answer = String::from_utf8_lossy(&answer);
-        let outcome = match answer.split_once(": ") {
-            Some((who, _)) => format!("answered by {who}"),
-            None if answer.is_empty() => "refused".to_owned(),
-            None => format!("answered {answer:?}"),
+        let outcome = if let Some(head) = answer.strip_prefix("HTTP/1.1 ") {
+            let status = head.get(..3).unwrap_or("?");
+            let body = answer.split_once("\r\n\r\n").map(|(_, b)| b.trim()).unwrap_or_default();
+            format!("HTTP {status}: {body}")
+        } else {
+            match answer.split_once(": ") {
+                Some((who, _)) => format!("answered by {who}"),
+                None if answer.is_empty() => "refused".to_owned(),
+                None => format!("answered {answer:?}"),
+            }
         };
+        let what = call.send.split("\r\n").next().unwrap_or_default();
+        let what = if what.contains("HTTP/1.1") { format!(" {}", what.trim_end_matches(" HTTP/1.1")) } else { String::new() };
         writeln!(
             out,
-            "  {}/{} → {} ({}): {outcome}",
+            "  {}/{} → {} ({}){what}: {outcome}",
             call.from.0, call.from.1, call.to, call.address
         )?;
     }
@@ -127,6 +159,31 @@ pub fn run(lab: &Lab) -> anyhow::Result<String> {
                 label("destination_workload"),
                 label("connection_security_policy"),
                 label("response_flags"),
+            )?;
+        }
+    }
+    for pod in lab.pods.iter().filter(|p| p.apps.contains(&crate::plan::App::Waypoint)) {
+        writeln!(out, "\n== Metrics of waypoint {}/{}: istio_requests_total", pod.namespace, pod.name)?;
+        let metrics = http_get(&lab.names.network(), SocketAddr::from((pod.ip, 15020)), "/metrics")
+            .map(|(_, body)| body)
+            .unwrap_or_default();
+        for line in metrics.lines().filter(|l| l.starts_with("istio_requests_total{")) {
+            let label = |name: &str| {
+                let key = format!("{name}=\"");
+                line.split(&key)
+                    .nth(1)
+                    .and_then(|rest| rest.split('"').next())
+                    .unwrap_or("?")
+                    .to_owned()
+            };
+            let count = line.rsplit(' ').next().unwrap_or("?");
+            writeln!(
+                out,
+                "  {} → {} via {} ({}) = {count}",
+                label("source_workload"),
+                label("destination_service"),
+                label("destination_workload"),
+                label("response_code"),
             )?;
         }
     }

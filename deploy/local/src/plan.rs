@@ -35,12 +35,24 @@ pub struct Pod {
     pub name: String,
     pub node: String,
     pub ip: Ipv4Addr,
-    /// Ports an echo app answers on (containers with image `mesh-lab/echo`).
-    pub echo_ports: Vec<u16>,
+    /// What runs in the pod: an app per container the lab knows the image of.
+    pub apps: Vec<App>,
+    /// The pod's service account.
+    pub service_account: String,
+    /// `gateway.networking.k8s.io/gateway-name`: the pod serves that waypoint.
+    pub gateway: Option<String>,
 }
 
-/// The image whose containers the lab runs as its echo app.
-pub const ECHO_IMAGE: &str = "mesh-lab/echo";
+/// A container the lab runs, by its image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum App {
+    /// `mesh-lab/echo`: answers `<pod>: ` on each port, then echoes.
+    Echo(u16),
+    /// `mesh-lab/http`: an HTTP/1.1 server on each port (see `component::http_response`).
+    Http(u16),
+    /// `mesh-lab/waypoint`: the waypoint of the pod's `gateway-name` label.
+    Waypoint,
+}
 
 fn cidr(text: &str) -> anyhow::Result<(Ipv4Addr, u8)> {
     let (ip, len) = text
@@ -137,19 +149,40 @@ impl Topology {
             "{id}: status.podIP {ip} is outside {node}'s podCidr {}",
             topology_node.pod_cidr
         );
-        let echo_ports = spec
-            .containers
-            .iter()
-            .filter(|c| c.image.as_deref() == Some(ECHO_IMAGE))
-            .flat_map(|c| c.ports.iter().flatten())
-            .filter_map(|p| u16::try_from(p.container_port).ok())
-            .collect();
+        let gateway = pod
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("gateway.networking.k8s.io/gateway-name"))
+            .cloned();
+        let mut apps = Vec::new();
+        for container in &spec.containers {
+            let ports = container
+                .ports
+                .iter()
+                .flatten()
+                .filter_map(|p| u16::try_from(p.container_port).ok());
+            match container.image.as_deref() {
+                Some("mesh-lab/echo") => apps.extend(ports.map(App::Echo)),
+                Some("mesh-lab/http") => apps.extend(ports.map(App::Http)),
+                Some("mesh-lab/waypoint") => {
+                    ensure!(
+                        gateway.is_some(),
+                        "{id}: a mesh-lab/waypoint pod needs the label gateway.networking.k8s.io/gateway-name"
+                    );
+                    apps.push(App::Waypoint);
+                }
+                _ => {}
+            }
+        }
         Ok(Pod {
             namespace,
             name,
             node,
             ip,
-            echo_ports,
+            apps,
+            service_account: spec.service_account_name.clone().unwrap_or_else(|| "default".into()),
+            gateway,
         })
     }
 }
@@ -177,7 +210,7 @@ mod tests {
                 "legacy/legacy-server@node-1"
             ]
         );
-        assert_eq!(pods[1].echo_ports, [8080]);
+        assert_eq!(pods[1].apps, [App::Echo(8080)]);
     }
 
     #[test]

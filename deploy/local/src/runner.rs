@@ -14,7 +14,7 @@ use anyhow::{Context as _, ensure};
 use serde::{Deserialize, Serialize};
 
 use crate::component::Process;
-use crate::plan::{Pod, Topology};
+use crate::plan::{App, Pod, Topology};
 use crate::topology::{self, Namespace};
 
 /// Every namespace the lab makes starts with its prefix, so `down` can find leftovers by name.
@@ -161,6 +161,8 @@ impl Lab {
             namespace.ip(&["addr", "add", &format!("{}/{prefix}", node.address), "dev", "eth0"])?;
             namespace.ip(&["link", "set", "eth0", "up"])?;
             topology::enable_forwarding(Some(&namespace))?;
+            // The cluster network reaches each node's pods through that node.
+            network.ip(&["route", "add", &node.pod_cidr, "via", &node.address.to_string()])?;
             for other in topology.nodes.iter().filter(|o| o.name != node.name) {
                 namespace.ip(&["route", "add", &other.pod_cidr, "via", &other.address.to_string()])?;
             }
@@ -223,15 +225,44 @@ impl Lab {
             self.start_ztunnel(&node)?;
         }
         for pod in self.pods.clone() {
-            for port in &pod.echo_ports {
-                let flags = [format!("--listen={}:{port}", pod.ip), format!("--name={}", pod.name)];
-                let name = format!("app-{}-{}-{port}", pod.namespace, pod.name);
-                self.spawn(&name, &self.names.pod(&pod.namespace, &pod.name), "echo", &flags)?;
+            let namespace = self.names.pod(&pod.namespace, &pod.name);
+            for app in &pod.apps {
+                match app {
+                    App::Echo(port) | App::Http(port) => {
+                        let role = if matches!(app, App::Echo(_)) { "echo" } else { "http" };
+                        let flags = [format!("--listen={}:{port}", pod.ip), format!("--name={}", pod.name)];
+                        let name = format!("app-{}-{}-{port}", pod.namespace, pod.name);
+                        self.spawn(&name, &namespace, role, &flags)?;
+                    }
+                    App::Waypoint => {
+                        let flags = [
+                            format!("--node-name={}", pod.node),
+                            format!("--namespace={}", pod.namespace),
+                            format!("--gateway={}", pod.gateway.clone().unwrap_or_default()),
+                            format!("--service-account={}", pod.service_account),
+                            format!("--xds-address=https://{controller}:15012"),
+                            format!("--root-cert={}", self.path("ca/root-cert.pem")),
+                            format!("--token-file={}", self.path(&format!("tokens/{}", pod.node))),
+                            format!("--metrics-addr={}:15020", pod.ip),
+                            format!("--readiness-addr={}:15021", pod.ip),
+                        ];
+                        self.spawn(
+                            &format!("waypoint-{}-{}", pod.namespace, pod.name),
+                            &namespace,
+                            "waypoint",
+                            &flags,
+                        )?;
+                    }
+                }
             }
         }
         for node in &self.topology.nodes {
             let readiness = SocketAddr::from((node.address, 15021));
             wait_ready(&network, readiness, &format!("ztunnel on {}", node.name))?;
+        }
+        for pod in self.pods.iter().filter(|p| p.apps.contains(&App::Waypoint)) {
+            let readiness = SocketAddr::from((pod.ip, 15021));
+            wait_ready(&network, readiness, &format!("waypoint {}/{}", pod.namespace, pod.name))?;
         }
         Ok(())
     }
@@ -396,9 +427,12 @@ pub fn exchange(pod_namespace: &str, destination: SocketAddr, data: &[u8]) -> an
     Namespace::existing(pod_namespace).run(move || -> anyhow::Result<Vec<u8>> {
         let mut stream = TcpStream::connect_timeout(&destination, Duration::from_secs(3))?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        // A refusal may reset the connection under our writes: what was read tells.
+        // A refusal may reset the connection under our writes: what was read tells. HTTP asks
+        // for `connection: close` and is not half-closed (an HTTP server may take that as an abort).
         let _ = stream.write_all(&data);
-        let _ = stream.shutdown(std::net::Shutdown::Write);
+        if !data.starts_with(b"GET ") && !data.starts_with(b"DELETE ") {
+            let _ = stream.shutdown(std::net::Shutdown::Write);
+        }
         let mut answer = Vec::new();
         let _ = stream.read_to_end(&mut answer);
         Ok(answer)

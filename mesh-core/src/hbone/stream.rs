@@ -54,6 +54,16 @@ fn h2_to_io(error: h2::Error) -> io::Error {
     io::Error::new(kind, error)
 }
 
+/// Dropped without a shutdown (an HTTP client done with its connection, say), the stream still
+/// ends cleanly with END_STREAM: h2 would otherwise reset it, which the peer reports as an error.
+impl Drop for H2Stream {
+    fn drop(&mut self) {
+        if !self.write_closed {
+            let _ = self.send.send_data(Bytes::new(), true);
+        }
+    }
+}
+
 impl AsyncRead for H2Stream {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
@@ -109,7 +119,8 @@ impl AsyncWrite for H2Stream {
         if !self.write_closed {
             self.write_closed = true;
             self.send.reserve_capacity(0);
-            self.send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
+            // A stream the peer already ended or reset needs no END_STREAM: nothing to report.
+            let _ = self.send.send_data(Bytes::new(), true);
         }
         Poll::Ready(Ok(()))
     }
