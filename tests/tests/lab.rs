@@ -1,7 +1,8 @@
 //! End to end on the lab: the real programs as processes, each node and pod a network namespace,
-//! ztunnel enrolling pods in-pod. One lab serves every scenario in turn (each puts back what it
-//! changed); it is removed at the end, also when a scenario fails, and the last scenario checks
-//! that nothing of it is left.
+//! ztunnel enrolling pods in-pod. Two labs in turn: the L4 demo (`deploy/local/manifests`) and
+//! the waypoint example (`deploy/local/examples/waypoint`). Each lab serves its scenarios in turn
+//! (each puts back what it changed); it is removed at the end, also when a scenario fails, and
+//! the last scenario checks that nothing of it is left.
 //!
 //! Not a libtest harness: the lab re-runs this binary as its components (`--mesh-role`), so
 //! `main` dispatches those first, then runs the scenarios and prints libtest's summary line.
@@ -226,6 +227,99 @@ fn a_ztunnel_restart_keeps_rules_and_serves_again(lab: &mut Lab) -> anyhow::Resu
     Ok(())
 }
 
+/// An HTTP/1.1 request from the demo client to `reviews` (through the waypoint): status, body.
+fn http(lab: &Lab, method: &str, path: &str, headers: &str) -> anyhow::Result<(u16, String)> {
+    let request = format!("{method} {path} HTTP/1.1\r\nhost: reviews\r\n{headers}connection: close\r\n\r\n");
+    let answer = call(lab, CLIENT, "10.96.0.20:80", &request)?;
+    let status = answer.get(9..12).unwrap_or("0").parse().unwrap_or(0);
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.trim().to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// `istio_requests_total` of the waypoint for `code`, summed.
+fn requests_total(lab: &Lab, code: u16) -> anyhow::Result<u64> {
+    let (_, metrics) = runner::http_get(&lab.names.network(), at("10.11.1.30:15020"), "/metrics")?;
+    Ok(metrics
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{") && l.contains(&format!("response_code=\"{code}\"")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum())
+}
+
+fn get_passes_and_delete_is_forbidden_by_the_waypoint_policy(lab: &mut Lab) -> anyhow::Result<()> {
+    let (status, body) = http(lab, "GET", "/allowed", "")?;
+    ensure!(
+        status == 200 && body.ends_with("GET /allowed"),
+        "GET answered {status} {body:?}"
+    );
+    let (status, body) = http(lab, "DELETE", "/", "")?;
+    ensure!(
+        (status, body.as_str()) == (403, "RBAC: access denied"),
+        "DELETE answered {status} {body:?}"
+    );
+    Ok(())
+}
+
+fn a_90_10_split_holds_over_1000_requests(lab: &mut Lab) -> anyhow::Result<()> {
+    let mut v2 = 0;
+    for _ in 0..1000 {
+        let (status, body) = http(lab, "GET", "/split", "")?;
+        ensure!(status == 200, "answered {status} {body:?}");
+        v2 += usize::from(body.starts_with("reviews-v2"));
+    }
+    ensure!((50..=150).contains(&v2), "v2 got {v2} of 1000 (want 100 ± 50)");
+    Ok(())
+}
+
+fn a_header_match_routes_to_v2(lab: &mut Lab) -> anyhow::Result<()> {
+    for _ in 0..10 {
+        let (status, body) = http(lab, "GET", "/any", "x-version: v2\r\n")?;
+        ensure!(
+            (status, body.as_str()) == (200, "reviews-v2 GET /any"),
+            "answered {status} {body:?}"
+        );
+    }
+    Ok(())
+}
+
+fn a_retry_turns_a_flaky_503_into_200(lab: &mut Lab) -> anyhow::Result<()> {
+    for _ in 0..4 {
+        let (status, body) = http(lab, "GET", "/flaky", "")?;
+        ensure!(status == 200, "answered {status} {body:?}");
+    }
+    Ok(())
+}
+
+fn a_timeout_fires(lab: &mut Lab) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let (status, body) = http(lab, "GET", "/slow", "")?;
+    ensure!(
+        (status, body.as_str()) == (504, "upstream request timeout"),
+        "answered {status} {body:?}"
+    );
+    ensure!(
+        started.elapsed() < Duration::from_secs(2),
+        "the timeout answered, not the slow app"
+    );
+    Ok(())
+}
+
+fn requests_total_counts_exactly_what_was_sent(lab: &mut Lab) -> anyhow::Result<()> {
+    let (ok, forbidden) = (requests_total(lab, 200)?, requests_total(lab, 403)?);
+    for _ in 0..25 {
+        http(lab, "GET", "/counted", "")?;
+    }
+    for _ in 0..3 {
+        http(lab, "DELETE", "/counted", "")?;
+    }
+    let counted = (requests_total(lab, 200)? - ok, requests_total(lab, 403)? - forbidden);
+    ensure!(counted == (25, 3), "counted {counted:?}, sent (25, 3)");
+    Ok(())
+}
+
 type Scenario = fn(&mut Lab) -> anyhow::Result<()>;
 
 fn main() {
@@ -237,17 +331,17 @@ fn main() {
         return;
     }
     if !mesh_tests::netns::privileged("lab end-to-end scenarios") {
-        println!("test result: ok. 0 passed; 0 failed; 7 ignored; 0 measured; 0 filtered out");
+        println!("test result: ok. 0 passed; 0 failed; 14 ignored; 0 measured; 0 filtered out");
         return;
     }
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/local");
-    let options = Options {
+    let options = |manifests: PathBuf, prefix: &str| Options {
         topology: root.join("topology.yaml"),
-        manifests: root.join("manifests"),
-        dir: std::env::temp_dir().join(format!("mesh-lab-test-{}", std::process::id())),
-        names: Names { prefix: PREFIX.into() },
+        manifests,
+        dir: std::env::temp_dir().join(format!("mesh-lab-test-{prefix}{}", std::process::id())),
+        names: Names { prefix: prefix.into() },
     };
-    let scenarios: [(&str, Scenario); 6] = [
+    let l4: Vec<(&str, Scenario)> = vec![
         (
             "cross_node_traffic_is_mutual_tls_on_the_wire",
             cross_node_traffic_is_mutual_tls_on_the_wire,
@@ -270,6 +364,27 @@ fn main() {
             a_ztunnel_restart_keeps_rules_and_serves_again,
         ),
     ];
+    let l7: Vec<(&str, Scenario)> = vec![
+        (
+            "get_passes_and_delete_is_forbidden_by_the_waypoint_policy",
+            get_passes_and_delete_is_forbidden_by_the_waypoint_policy,
+        ),
+        (
+            "a_90_10_split_holds_over_1000_requests",
+            a_90_10_split_holds_over_1000_requests,
+        ),
+        ("a_header_match_routes_to_v2", a_header_match_routes_to_v2),
+        ("a_retry_turns_a_flaky_503_into_200", a_retry_turns_a_flaky_503_into_200),
+        ("a_timeout_fires", a_timeout_fires),
+        (
+            "requests_total_counts_exactly_what_was_sent",
+            requests_total_counts_exactly_what_was_sent,
+        ),
+    ];
+    let labs = [
+        (options(root.join("manifests"), PREFIX), l4),
+        (options(root.join("examples/waypoint"), "mlw-"), l7),
+    ];
     let (mut passed, mut failed) = (0, 0);
     let mut report = |name: &str, result: anyhow::Result<()>| match result {
         Ok(()) => {
@@ -281,18 +396,21 @@ fn main() {
             println!("test {name} ... FAILED\n  {error:#}");
         }
     };
-    match Lab::up(&options) {
-        Ok(mut lab) => {
-            for (name, scenario) in scenarios {
-                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scenario(&mut lab)))
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("panicked")));
-                report(name, outcome);
+    for (options, scenarios) in labs {
+        match Lab::up(&options) {
+            Ok(mut lab) => {
+                for (name, scenario) in scenarios {
+                    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scenario(&mut lab)))
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("panicked")));
+                    report(name, outcome);
+                }
+                let name = format!("down_leaves_nothing_behind ({})", options.names.prefix);
+                report(&name, down_leaves_nothing(lab, &options));
             }
-            report("down_leaves_nothing_behind", down_leaves_nothing(lab, &options));
-        }
-        Err(error) => {
-            report("lab_up", Err(error));
-            let _ = runner::down(&options.dir, &options.names);
+            Err(error) => {
+                report(&format!("lab_up ({})", options.names.prefix), Err(error));
+                let _ = runner::down(&options.dir, &options.names);
+            }
         }
     }
     let verdict = if failed == 0 { "ok" } else { "FAILED" };

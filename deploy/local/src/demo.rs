@@ -75,7 +75,11 @@ pub fn run(lab: &Lab) -> anyhow::Result<String> {
     let with_waypoint = lab.pod("demo", "reviews-v1").is_some();
     let calls = if with_waypoint { waypoint_calls() } else { calls() };
     for call in calls.into_iter().filter(|c| lab.pod(c.from.0, c.from.1).is_some()) {
-        let answer = exchange(&lab.names.pod(call.from.0, call.from.1), call.address, call.send.as_bytes())?;
+        let answer = exchange(
+            &lab.names.pod(call.from.0, call.from.1),
+            call.address,
+            call.send.as_bytes(),
+        )?;
         let answer = String::from_utf8_lossy(&answer);
         let outcome = if let Some(head) = answer.strip_prefix("HTTP/1.1 ") {
             let status = head.get(..3).unwrap_or("?");
@@ -89,7 +93,11 @@ pub fn run(lab: &Lab) -> anyhow::Result<String> {
             }
         };
         let what = call.send.split("\r\n").next().unwrap_or_default();
-        let what = if what.contains("HTTP/1.1") { format!(" {}", what.trim_end_matches(" HTTP/1.1")) } else { String::new() };
+        let what = if what.contains("HTTP/1.1") {
+            format!(" {}", what.trim_end_matches(" HTTP/1.1"))
+        } else {
+            String::new()
+        };
         writeln!(
             out,
             "  {}/{} → {} ({}){what}: {outcome}",
@@ -163,7 +171,11 @@ pub fn run(lab: &Lab) -> anyhow::Result<String> {
         }
     }
     for pod in lab.pods.iter().filter(|p| p.apps.contains(&crate::plan::App::Waypoint)) {
-        writeln!(out, "\n== Metrics of waypoint {}/{}: istio_requests_total", pod.namespace, pod.name)?;
+        writeln!(
+            out,
+            "\n== Metrics of waypoint {}/{}: istio_requests_total",
+            pod.namespace, pod.name
+        )?;
         let metrics = http_get(&lab.names.network(), SocketAddr::from((pod.ip, 15020)), "/metrics")
             .map(|(_, body)| body)
             .unwrap_or_default();
