@@ -232,3 +232,93 @@ async fn an_httproute_splits_matches_retries_and_times_out_at_the_waypoint() {
         "answered by the timeout, not the app"
     );
 }
+
+/// `istio_requests_total` at the waypoint on `ip`, summed over every label set.
+async fn waypoint_requests(ip: &str) -> u64 {
+    let (_, metrics) = http_get(format!("{ip}:15020").parse().unwrap(), "/metrics")
+        .await
+        .unwrap();
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_creates_lists_and_deletes_a_waypoint_and_traffic_follows() {
+    use waypoint::cli::{Command, Target, run};
+    let base = 66;
+    // The waypoint is deployed, but no Gateway declares it and no namespace uses it yet.
+    let yaml = manifests()
+        .replace("127.64.", &format!("127.{base}."))
+        .replace(", istio.io/use-waypoint: waypoint", "");
+    let yaml = yaml
+        .split("---\n")
+        .filter(|doc| !doc.contains("kind: Gateway"))
+        .collect::<Vec<_>>()
+        .join("---\n");
+    let mut lab = Lab::start(base, &yaml, &["node-1", "node-2"]).await.unwrap();
+    let waypoint_ip = format!("127.{base}.1.50");
+    lab.start_waypoint(1, "demo", "waypoint", &waypoint_ip).await.unwrap();
+    let _one = http_app(&format!("127.{base}.2.1:8080"), "server-1").await;
+    let _two = http_app(&format!("127.{base}.2.2:8080"), "server-2").await;
+    let get = async || {
+        let service: SocketAddr = format!("127.{base}.99.1:80").parse().unwrap();
+        let mut stream = lab.connect(1, &format!("127.{base}.1.1"), service).await.unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nhost: server.demo\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    };
+    let target = || Target {
+        namespace: "demo".into(),
+        name: "waypoint".into(),
+        config_dir: lab.dir.join("config"),
+    };
+    /// Sends requests until the waypoint's count moves (or not) as expected.
+    async fn until(what: &str, through_waypoint: bool, ip: &str, get: &impl AsyncFn()) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let before = waypoint_requests(ip).await;
+            get().await;
+            if (waypoint_requests(ip).await > before) == through_waypoint {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "{what}: not within 10s");
+        }
+    }
+
+    get().await;
+    assert_eq!(
+        waypoint_requests(&waypoint_ip).await,
+        0,
+        "no waypoint yet: traffic goes straight"
+    );
+
+    let applied = run(Command::Apply {
+        target: target(),
+        enroll_namespace: true,
+    })
+    .unwrap();
+    assert!(applied.contains("waypoint demo/waypoint applied"), "{applied}");
+    until("traffic through the new waypoint", true, &waypoint_ip, &get).await;
+    let listed = run(Command::List {
+        config_dir: lab.dir.join("config"),
+    })
+    .unwrap();
+    assert_eq!(listed, "demo/waypoint  used by: demo\n");
+
+    run(Command::Delete { target: target() }).unwrap();
+    until("traffic straight again", false, &waypoint_ip, &get).await;
+    assert_eq!(
+        run(Command::List {
+            config_dir: lab.dir.join("config")
+        })
+        .unwrap(),
+        "no waypoints\n"
+    );
+}

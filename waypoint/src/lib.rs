@@ -4,6 +4,7 @@
 //! endpoint; other bytes are carried as TCP. Request metrics in [`metrics`].
 
 pub mod authz;
+pub mod cli;
 pub mod config;
 pub mod metrics;
 pub mod proxy;
