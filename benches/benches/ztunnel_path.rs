@@ -16,9 +16,10 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use benches::mesh::Mesh;
 use benches::{Report, arg};
 use mesh_lab::component::{self as process, Process};
-use mesh_tests::lab::{CAPTURE_MARK, capture_pods, demo_manifests, http_get};
+use mesh_tests::lab::demo_manifests;
 use mesh_tests::netns;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -87,7 +88,7 @@ fn main() -> anyhow::Result<()> {
         .setup("direct", "client → server over the same loopback");
     report.print_setup();
 
-    let mesh = Mesh::start()?;
+    let mesh = Mesh::start(BASE, &demo_manifests(BASE), &[MESH_CLIENT, "127.81.2.1", "127.81.2.2"])?;
     let _server = Process {
         child: std::process::Command::new(std::env::current_exe()?)
             .arg(SERVE_APP_FLAG)
@@ -149,105 +150,6 @@ fn main() -> anyhow::Result<()> {
     })?;
     report.write()?;
     Ok(())
-}
-
-/// istiod-lite and a ztunnel per node, in processes of their own; the lab directory goes with it.
-struct Mesh {
-    ztunnels: [Process; 2],
-    _istiod: Process,
-    dir: std::path::PathBuf,
-}
-
-impl Mesh {
-    fn start() -> anyhow::Result<Self> {
-        let dir = std::env::temp_dir().join(format!("ztunnel-path-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        for sub in ["config", "ca", "tokens"] {
-            std::fs::create_dir_all(dir.join(sub))?;
-        }
-        std::fs::write(dir.join("config/lab.yaml"), demo_manifests(BASE))?;
-        for node in ["node-1", "node-2"] {
-            std::fs::write(dir.join("tokens").join(node), format!("token-of-{node}\n"))?;
-        }
-        let host = |node: u8| format!("127.{BASE}.{node}.100");
-        let path = |p: &str| dir.join(p).display().to_string();
-        let istiod = Process::spawn(
-            "istiod-lite",
-            &[
-                format!("--config-dir={}", path("config")),
-                format!("--ca-dir={}", path("ca")),
-                format!("--node-tokens-dir={}", path("tokens")),
-                format!("--xds-plaintext-addr=127.{BASE}.0.1:15010"),
-                format!("--xds-addr=127.{BASE}.0.1:15012"),
-                format!("--admin-addr=127.{BASE}.0.1:15000"),
-                format!("--metrics-addr=127.{BASE}.0.1:15014"),
-                format!("--readiness-addr=127.{BASE}.0.1:15021"),
-                "--log-level=warn".into(),
-            ],
-            false,
-        )?;
-        ready(&format!("127.{BASE}.0.1:15021"))?;
-        let ztunnel = |node: u8| -> anyhow::Result<Process> {
-            let name = format!("node-{node}");
-            Process::spawn(
-                "ztunnel",
-                &[
-                    format!("--node-name={name}"),
-                    format!("--xds-address=http://127.{BASE}.0.1:15010"),
-                    format!("--root-cert={}", path("ca/root-cert.pem")),
-                    format!("--token-file={}", path(&format!("tokens/{name}"))),
-                    format!("--socket-mark={CAPTURE_MARK}"),
-                    "--redirect=shared".into(),
-                    format!("--admin-addr={}:15000", host(node)),
-                    format!("--metrics-addr={}:15020", host(node)),
-                    format!("--readiness-addr={}:15021", host(node)),
-                ],
-                false,
-            )
-        };
-        let mesh = Self {
-            ztunnels: [ztunnel(1)?, ztunnel(2)?],
-            _istiod: istiod,
-            dir: dir.clone(),
-        };
-        ready(&format!("{}:15021", host(1)))?;
-        ready(&format!("{}:15021", host(2)))?;
-        capture_pods(&[MESH_CLIENT, "127.81.2.1", "127.81.2.2"])?;
-        Ok(mesh)
-    }
-
-    fn cpu_seconds(&self) -> anyhow::Result<[f64; 2]> {
-        Ok([self.ztunnels[0].cpu_seconds()?, self.ztunnels[1].cpu_seconds()?])
-    }
-
-    fn rss_kib(&self) -> anyhow::Result<[f64; 2]> {
-        Ok([self.ztunnels[0].rss_kib()?, self.ztunnels[1].rss_kib()?])
-    }
-}
-
-impl Drop for Mesh {
-    fn drop(&mut self) {
-        for ztunnel in &mut self.ztunnels {
-            ztunnel.stop();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// Waits for a readiness endpoint to answer 200.
-fn ready(address: &str) -> anyhow::Result<()> {
-    let address: SocketAddr = address.parse()?;
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    runtime.block_on(async {
-        loop {
-            if let Ok((200, _)) = http_get(address, "/healthz/ready").await {
-                return Ok(());
-            }
-            anyhow::ensure!(Instant::now() < deadline, "{address} not ready within 60s");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
 }
 
 /// The server: SINK reads to EOF and answers the byte count; ECHO echoes.

@@ -1,6 +1,8 @@
 //! What every benchmark shares: a report that prints its setup and results and writes them as
 //! JSON under `target/bench-results/`, and single-threaded runtimes to pin "one core per side".
 
+pub mod mesh;
+
 use std::path::PathBuf;
 use std::time::Duration;
 

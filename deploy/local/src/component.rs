@@ -156,7 +156,7 @@ impl Drop for Process {
 
 /// The lab's HTTP/1.1 test app: answers `<name> <METHOD> <path>` with `x-served-by: <name>`;
 /// `/status/<code>` answers that code, `/flaky` fails every other request with 503, `/slow`
-/// answers after 2 s. Returns the count of requests it served.
+/// answers after 2 s, `/bytes/<n>` answers n bytes. Returns the count of requests it served.
 pub fn serve_http(listener: tokio::net::TcpListener, name: String) -> Arc<std::sync::atomic::AtomicUsize> {
     use hyper::service::service_fn;
     let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -180,7 +180,11 @@ pub fn serve_http(listener: tokio::net::TcpListener, name: String) -> Arc<std::s
                 } else {
                     std::time::Duration::ZERO
                 };
-                let body = format!("{name} {} {path}", request.method());
+                // `/bytes/<n>`: a body of n bytes (for benchmarks).
+                let body = match path.strip_prefix("/bytes/").and_then(|n| n.parse::<usize>().ok()) {
+                    Some(size) => "x".repeat(size.min(1 << 20)),
+                    None => format!("{name} {} {path}", request.method()),
+                };
                 let response = hyper::Response::builder()
                     .status(status)
                     .header("x-served-by", &*name)
