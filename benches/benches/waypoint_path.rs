@@ -5,6 +5,8 @@
 //! ztunnels, the waypoint and the server are processes of their own, in a network namespace this
 //! benchmark creates (needs root).
 //!
+//! A third path, client → server with no mesh at all, is the baseline.
+//!
 //! Measured for each path: requests/s at saturation (keep-alive connections sending back to
 //! back), p50/p99 latency at a fixed rate; for the waypoint its CPU-seconds per 1,000 requests
 //! and its RSS.
@@ -30,6 +32,9 @@ const SERVER: &str = "127.82.2.1";
 const WAYPOINT: &str = "127.82.1.50";
 const VIA_WAYPOINT: &str = "127.82.99.1:80";
 const DIRECT: &str = "127.82.99.2:80";
+/// Plain TCP to the app, from an address no rule captures: the baseline.
+const UNCAPTURED_CLIENT: &str = "127.82.1.9";
+const SERVER_APP: &str = "127.82.2.1:8080";
 const BODY_BYTES: usize = 1024;
 
 fn manifests() -> String {
@@ -52,9 +57,9 @@ fn parsed(name: &str, default: u64) -> anyhow::Result<u64> {
 
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
-async fn connect(service: SocketAddr) -> anyhow::Result<Sender> {
+async fn connect(client: &str, service: SocketAddr) -> anyhow::Result<Sender> {
     let socket = TcpSocket::new_v4()?;
-    socket.bind(format!("{CLIENT}:0").parse()?)?;
+    socket.bind(format!("{client}:0").parse()?)?;
     let stream = socket.connect(service).await?;
     stream.set_nodelay(true)?;
     let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
@@ -76,14 +81,19 @@ async fn request(sender: &mut Sender, body: &Bytes) -> anyhow::Result<()> {
 }
 
 /// Requests/s with `connections` keep-alive connections sending back to back for `duration`.
-async fn saturation(service: SocketAddr, connections: u64, duration: Duration) -> anyhow::Result<(f64, u64)> {
+async fn saturation(
+    client: &'static str,
+    service: SocketAddr,
+    connections: u64,
+    duration: Duration,
+) -> anyhow::Result<(f64, u64)> {
     let body = Bytes::from(vec![b'r'; BODY_BYTES]);
     let started = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..connections {
         let body = body.clone();
         workers.push(tokio::spawn(async move {
-            let mut sender = connect(service).await?;
+            let mut sender = connect(client, service).await?;
             let mut count = 0u64;
             while started.elapsed() < duration {
                 request(&mut sender, &body).await?;
@@ -100,9 +110,9 @@ async fn saturation(service: SocketAddr, connections: u64, duration: Duration) -
 }
 
 /// p50/p99 (µs) of requests started at `rate` per second on one connection.
-async fn latency(service: SocketAddr, requests: u64, rate: u64) -> anyhow::Result<(f64, f64)> {
+async fn latency(client: &str, service: SocketAddr, requests: u64, rate: u64) -> anyhow::Result<(f64, f64)> {
     let body = Bytes::from(vec![b'r'; BODY_BYTES]);
-    let mut sender = connect(service).await?;
+    let mut sender = connect(client, service).await?;
     for _ in 0..50 {
         request(&mut sender, &body).await?;
     }
@@ -158,16 +168,21 @@ fn main() -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_millis(300));
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
-        for (name, service) in [("ztunnels_only", DIRECT), ("through_waypoint", VIA_WAYPOINT)] {
+        let paths = [
+            ("no_mesh", UNCAPTURED_CLIENT, SERVER_APP),
+            ("ztunnels_only", CLIENT, DIRECT),
+            ("through_waypoint", CLIENT, VIA_WAYPOINT),
+        ];
+        for (name, client, service) in paths {
             let service: SocketAddr = service.parse()?;
             let cpu_before = mesh.waypoints[0].cpu_seconds()?;
-            let (per_second, total) = saturation(service, connections, Duration::from_secs(seconds)).await?;
+            let (per_second, total) = saturation(client, service, connections, Duration::from_secs(seconds)).await?;
             report.result(&format!("{name}_requests_per_s"), per_second, "req/s");
             if name == "through_waypoint" {
                 let cpu = mesh.waypoints[0].cpu_seconds()? - cpu_before;
                 report.result("waypoint_cpu_s_per_1000_requests", cpu / total as f64 * 1000.0, "CPU-s");
             }
-            let (p50, p99) = latency(service, requests, rate).await?;
+            let (p50, p99) = latency(client, service, requests, rate).await?;
             report.result(&format!("{name}_latency_p50_us"), p50, "µs").result(
                 &format!("{name}_latency_p99_us"),
                 p99,
