@@ -7,6 +7,7 @@
 
 mod sniff;
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -61,6 +62,7 @@ pub struct Waypoint<S> {
     pub policies: Policies,
     /// `Gateway/<namespace>/<name>`: this waypoint, as policies target it.
     pub gateway: String,
+    upstreams: Arc<Upstreams>,
     next_endpoint: AtomicUsize,
 }
 
@@ -113,6 +115,7 @@ impl<S: CertificateSource> Waypoint<S> {
             routes,
             policies,
             gateway,
+            upstreams: Arc::default(),
             next_endpoint: AtomicUsize::new(0),
         }
     }
@@ -443,7 +446,8 @@ impl<S: CertificateSource> Waypoint<S> {
         }
     }
 
-    /// Sends the request to `address` over HBONE as HTTP/1.1.
+    /// Sends the request to `address` over HBONE as HTTP/1.1, on a kept-alive connection to that
+    /// endpoint for this client when one is idle (a request that finds it dead goes on a new one).
     async fn upstream<B>(
         &self,
         mut parts: Parts,
@@ -456,11 +460,6 @@ impl<S: CertificateSource> Waypoint<S> {
         B: hyper::body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let stream = self.tunnel(workload, address, client).await?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| UpstreamError::Connect(e.to_string()))?;
-        tokio::spawn(connection);
         // HTTP/2 from the client becomes HTTP/1.1 to the app: the authority moves to `Host`.
         if parts.version != Version::HTTP_11 {
             if let Some(authority) = parts.uri.authority().cloned()
@@ -474,10 +473,33 @@ impl<S: CertificateSource> Waypoint<S> {
                 parts.uri = path.into();
             }
         }
-        sender
-            .send_request(Request::from_parts(parts, body))
+        // Connections are kept per client too: the destination sees the client in `Forwarded`.
+        let key = (address, client.address);
+        let mut request = Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
+        if let Some(mut sender) = self.upstreams.take(key) {
+            match sender.try_send_request(request).await {
+                Ok(response) => {
+                    self.upstreams.keep(key, sender);
+                    return Ok(response);
+                }
+                Err(mut error) => match error.take_message() {
+                    // Never sent: the idle connection had died. Use a new one.
+                    Some(unsent) => request = unsent,
+                    None => return Err(UpstreamError::Connect(error.into_error().to_string())),
+                },
+            }
+        }
+        let stream = self.tunnel(workload, address, client).await?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| UpstreamError::Connect(e.to_string()))
+            .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+        tokio::spawn(connection);
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+        self.upstreams.keep(key, sender);
+        Ok(response)
     }
 
     /// Bytes that are not HTTP: carried as they are to an endpoint.
@@ -536,6 +558,46 @@ impl<S: CertificateSource> Waypoint<S> {
             response_flags: flags,
             connection_security_policy: "mutual_tls",
         }
+    }
+}
+
+type UpstreamBody = http_body_util::combinators::UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+type Sender = hyper::client::conn::http1::SendRequest<UpstreamBody>;
+
+/// Idle HTTP/1.1 connections to endpoints, by (endpoint, client).
+#[derive(Debug, Default)]
+struct Upstreams {
+    idle: std::sync::Mutex<HashMap<(SocketAddr, IpAddr), Vec<Sender>>>,
+}
+
+/// Idle connections kept per endpoint and client; more are closed.
+const IDLE_PER_KEY: usize = 16;
+
+impl Upstreams {
+    fn take(&self, key: (SocketAddr, IpAddr)) -> Option<Sender> {
+        let mut idle = self.idle.lock().expect("not poisoned");
+        let senders = idle.get_mut(&key)?;
+        while let Some(sender) = senders.pop() {
+            if sender.is_ready() {
+                return Some(sender);
+            }
+        }
+        idle.remove(&key);
+        None
+    }
+
+    /// Returns `sender` to the pool once its response has been read to the end.
+    fn keep(self: &Arc<Self>, key: (SocketAddr, IpAddr), mut sender: Sender) {
+        let pool = self.clone();
+        tokio::spawn(async move {
+            if sender.ready().await.is_ok() {
+                let mut idle = pool.idle.lock().expect("not poisoned");
+                let senders = idle.entry(key).or_default();
+                if senders.len() < IDLE_PER_KEY {
+                    senders.push(sender);
+                }
+            }
+        });
     }
 }
 
