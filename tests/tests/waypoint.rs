@@ -69,6 +69,27 @@ async fn requests_to_a_service_go_through_its_waypoint() {
     let (status, _) = request(&lab, "DELETE", "/status/503").await.unwrap();
     assert_eq!(status, 503, "the app's own status comes back");
 
+    // HTTP/2 (prior knowledge) is detected too, and reaches the HTTP/1.1 app.
+    let service: SocketAddr = "127.64.99.1:80".parse().unwrap();
+    let stream = lab.connect(1, "127.64.1.1", service).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let h2_request = http::Request::get("http://server.demo/over-h2")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(h2_request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let h2_body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert!(h2_body.ends_with(b"GET /over-h2"), "{h2_body:?}");
+
     // The waypoint counted exactly what was sent, by response code, with Istio's labels.
     let (_, metrics) = http_get("127.64.1.50:15020".parse().unwrap(), "/metrics")
         .await
@@ -86,7 +107,7 @@ async fn requests_to_a_service_go_through_its_waypoint() {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
             .sum()
     };
-    assert_eq!((count("200"), count("503")), (4, 1), "{metrics}");
+    assert_eq!((count("200"), count("503")), (5, 1), "{metrics}");
 
     // An L7 policy on the waypoint: GET /allowed* only. DELETE / gets 403 from the waypoint.
     lab.write_config(

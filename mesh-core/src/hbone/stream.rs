@@ -54,6 +54,15 @@ fn h2_to_io(error: h2::Error) -> io::Error {
     io::Error::new(kind, error)
 }
 
+impl H2Stream {
+    /// Aborts the stream (RST_STREAM CANCEL): the peer sees an error, not an end. For connections
+    /// that must not end gracefully, like one a policy revoked.
+    pub fn reset(mut self) {
+        self.write_closed = true;
+        self.send.send_reset(h2::Reason::CANCEL);
+    }
+}
+
 /// Dropped without a shutdown (an HTTP client done with its connection, say), the stream still
 /// ends cleanly with END_STREAM: h2 would otherwise reset it, which the peer reports as an error.
 impl Drop for H2Stream {

@@ -166,19 +166,27 @@ enum Accepted {
     Plaintext(TcpStream),
 }
 
-/// Copies until both sides are done or a policy change revokes the connection, then logs it.
-async fn carry(client: Accepted, mut app: TcpStream, accounting: Accounting, registration: Registration) {
+/// Copies until both sides are done or a policy change revokes the connection, then logs it. A
+/// revoked or failed tunnel is reset, so the client sees an abort rather than an orderly end.
+async fn carry(mut client: Accepted, mut app: TcpStream, accounting: Accounting, registration: Registration) {
     let (received, sent) = (&accounting.received, &accounting.sent);
-    let copied = async {
-        match client {
-            Accepted::Hbone(mut tunnel) => copy_bidirectional(&mut tunnel, &mut app, received, sent).await,
-            Accepted::Plaintext(mut stream) => copy_bidirectional(&mut stream, &mut app, received, sent).await,
+    let outcome = {
+        let copied = async {
+            match &mut client {
+                Accepted::Hbone(tunnel) => copy_bidirectional(tunnel, &mut app, received, sent).await,
+                Accepted::Plaintext(stream) => copy_bidirectional(stream, &mut app, received, sent).await,
+            }
+        };
+        tokio::select! {
+            copied = copied => copied.map_err(|error| error.to_string()),
+            () = registration.revoked() => Err("closed: a policy change denies it".to_owned()),
         }
     };
-    let outcome = tokio::select! {
-        copied = copied => copied.map_err(|error| error.to_string()),
-        () = registration.revoked() => Err("closed: a policy change denies it".to_owned()),
-    };
     drop(registration);
+    if outcome.is_err()
+        && let Accepted::Hbone(tunnel) = client
+    {
+        tunnel.reset();
+    }
     accounting.close(outcome);
 }
