@@ -2,7 +2,8 @@
 //! DENY policy denies; with ALLOW policies present, only a request one of them matches is
 //! admitted. A policy matches when any rule does; a rule when all its `from`, `to` and `when`
 //! parts do (each `from`/`to` list matching when any entry does). Values are exact, `prefix*`,
-//! `*suffix` or `*` (present).
+//! `*suffix` or `*` (present). Bytes that are not HTTP are judged as Istio does: HTTP-only parts
+//! of a rule never match in an ALLOW policy and are ignored in a DENY policy (deny more, not less).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -21,6 +22,8 @@ pub struct Request<'a> {
     pub host: &'a str,
     pub headers: &'a HeaderMap,
     pub source: &'a SpiffeId,
+    /// Not HTTP: only the source is known.
+    pub opaque: bool,
 }
 
 fn value_matches(pattern: &str, value: &str) -> bool {
@@ -56,7 +59,10 @@ fn source_matches(source: &L7Source, request: &Request<'_>) -> bool {
         )
 }
 
-fn operation_matches(operation: &L7Operation, request: &Request<'_>) -> bool {
+fn operation_matches(operation: &L7Operation, request: &Request<'_>, deny: bool) -> bool {
+    if request.opaque {
+        return deny;
+    }
     let host = request.host.to_ascii_lowercase();
     let lowered = |patterns: &[String]| patterns.iter().map(|p| p.to_ascii_lowercase()).collect::<Vec<_>>();
     field(&lowered(&operation.hosts), &lowered(&operation.not_hosts), Some(&host))
@@ -64,7 +70,10 @@ fn operation_matches(operation: &L7Operation, request: &Request<'_>) -> bool {
         && field(&operation.paths, &operation.not_paths, Some(request.path))
 }
 
-fn condition_matches(condition: &L7Condition, request: &Request<'_>) -> bool {
+fn condition_matches(condition: &L7Condition, request: &Request<'_>, deny: bool) -> bool {
+    if request.opaque && condition.key.starts_with("request.") {
+        return deny;
+    }
     let principal = principal(request);
     let value = if let Some(name) = condition
         .key
@@ -86,10 +95,10 @@ fn condition_matches(condition: &L7Condition, request: &Request<'_>) -> bool {
     field(&condition.values, &condition.not_values, value.as_deref())
 }
 
-fn rule_matches(rule: &L7Rule, request: &Request<'_>) -> bool {
+fn rule_matches(rule: &L7Rule, request: &Request<'_>, deny: bool) -> bool {
     (rule.from.is_empty() || rule.from.iter().any(|s| source_matches(s, request)))
-        && (rule.to.is_empty() || rule.to.iter().any(|o| operation_matches(o, request)))
-        && rule.when.iter().all(|c| condition_matches(c, request))
+        && (rule.to.is_empty() || rule.to.iter().any(|o| operation_matches(o, request, deny)))
+        && rule.when.iter().all(|c| condition_matches(c, request, deny))
 }
 
 fn policy_name(policy: &L7Policy) -> String {
@@ -101,8 +110,9 @@ pub fn check<'p>(policies: impl IntoIterator<Item = &'p L7Policy>, request: &Req
     let mut allow_policies = Vec::new();
     let mut allowed = false;
     for policy in policies {
-        let matched = policy.rules.iter().any(|r| rule_matches(r, request));
-        if policy.action == l7_policy::Action::Deny as i32 {
+        let deny = policy.action == l7_policy::Action::Deny as i32;
+        let matched = policy.rules.iter().any(|r| rule_matches(r, request, deny));
+        if deny {
             if matched {
                 return Err(format!("denied by DENY policy {}", policy_name(policy)));
             }
@@ -205,6 +215,7 @@ mod tests {
                 host: "server.demo",
                 headers: &map,
                 source: &source,
+                opaque: method.is_empty(),
             },
         )
     }
@@ -234,6 +245,31 @@ mod tests {
             "denied by DENY policy demo/no-delete"
         );
         assert!(judge(&[allow_all, deny], "GET", "/", CLIENT, &[]).is_ok());
+    }
+
+    #[test]
+    fn opaque_bytes_never_pass_http_only_allows_and_meet_http_only_denies() {
+        let allow_get = [policy(l7_policy::Action::Allow, vec![to(&["GET"], &[])])];
+        assert!(judge(&allow_get, "", "", CLIENT, &[]).is_err());
+        let deny_delete = [policy(l7_policy::Action::Deny, vec![to(&["DELETE"], &[])])];
+        assert!(
+            judge(&deny_delete, "", "", CLIENT, &[]).is_err(),
+            "denied more, not less"
+        );
+        let allow_client = [policy(
+            l7_policy::Action::Allow,
+            vec![L7Rule {
+                from: vec![L7Source {
+                    principals: vec!["cluster.local/ns/demo/sa/client".into()],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        )];
+        assert!(
+            judge(&allow_client, "", "", CLIENT, &[]).is_ok(),
+            "source-only rules still apply"
+        );
     }
 
     #[test]

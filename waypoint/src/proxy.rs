@@ -273,16 +273,6 @@ impl<S: CertificateSource> Waypoint<S> {
     }
 
     fn authorize(&self, parts: &Parts, destination: &Destination, client: &Client) -> Result<(), String> {
-        let policies = self.policies.read().expect("not poisoned").clone();
-        let service_target = destination
-            .service
-            .as_ref()
-            .map(|s| format!("Service/{}/{}", s.namespace, s.name));
-        let applies = |p: &&Arc<mesh_core::proto::waypoint::L7Policy>| {
-            p.targets
-                .iter()
-                .any(|t| *t == self.gateway || Some(t) == service_target.as_ref())
-        };
         let host = parts
             .headers
             .get(http::header::HOST)
@@ -295,8 +285,24 @@ impl<S: CertificateSource> Waypoint<S> {
             host,
             headers: &parts.headers,
             source: &client.identity,
+            opaque: false,
         };
-        crate::authz::check(policies.iter().filter(applies).map(|p| p.as_ref()), &request)
+        self.check(destination, &request)
+    }
+
+    /// The L7 policies on this waypoint or on the destination service, applied to `request`.
+    fn check(&self, destination: &Destination, request: &crate::authz::Request<'_>) -> Result<(), String> {
+        let policies = self.policies.read().expect("not poisoned").clone();
+        let service_target = destination
+            .service
+            .as_ref()
+            .map(|s| format!("Service/{}/{}", s.namespace, s.name));
+        let applies = |p: &&Arc<mesh_core::proto::waypoint::L7Policy>| {
+            p.targets
+                .iter()
+                .any(|t| *t == self.gateway || Some(t) == service_target.as_ref())
+        };
+        crate::authz::check(policies.iter().filter(applies).map(|p| p.as_ref()), request)
     }
 
     /// A healthy endpoint of the destination service, or the destination workload itself.
@@ -509,6 +515,20 @@ impl<S: CertificateSource> Waypoint<S> {
         destination: &Destination,
         client: &Client,
     ) -> Result<(), String> {
+        let empty = HeaderMap::new();
+        let request = crate::authz::Request {
+            method: "",
+            path: "",
+            host: "",
+            headers: &empty,
+            source: &client.identity,
+            opaque: true,
+        };
+        if let Err(denied) = self.check(destination, &request) {
+            info!(target: "access", protocol = "tcp", src.identity = %client.identity, dst.target = %destination.target, result = denied.as_str(), "connection denied");
+            stream.into_inner().reset();
+            return Ok(());
+        }
         let (workload, address) = self.pick_endpoint(destination).map_err(|e| e.to_string())?;
         let mut upstream = self
             .tunnel(&workload, address, client)

@@ -125,16 +125,21 @@ impl Enrolment {
             } => {
                 let (directory, mark) = (netns_dir.clone(), *mark);
                 let netns = tokio::task::spawn_blocking(move || {
-                    let netns = NetNs::find_by_ip(ip, &directory)
-                        .ok_or_else(|| std::io::Error::other(format!("no network namespace holds {ip}")))?;
-                    rules::install(&netns, mark)?;
-                    Ok::<_, std::io::Error>(Arc::new(netns))
+                    NetNs::find_by_ip(ip, &directory)
+                        .map(Arc::new)
+                        .ok_or_else(|| std::io::Error::other(format!("no network namespace holds {ip}")))
                 })
                 .await??;
+                // Listeners first, rules second: the pod's traffic is never redirected to nothing.
                 let any = SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 0);
                 let bind = |port| redirect::listen_in(&netns, SocketAddr::new(any.ip(), port));
                 let listeners = (bind(hbone::PORT)?, bind(INBOUND_PLAINTEXT_PORT)?, bind(OUTBOUND_PORT)?);
                 sockets.insert(ip, netns.clone());
+                let installed = netns.clone();
+                if let Err(error) = tokio::task::spawn_blocking(move || rules::install(&installed, mark)).await? {
+                    sockets.remove(ip);
+                    return Err(error);
+                }
                 (listeners, Some(netns))
             }
         };
@@ -165,15 +170,18 @@ impl Enrolment {
         Ok(netns)
     }
 
-    /// Drains a workload's listeners and removes its rules.
+    /// Rules first, listeners second: no new connection is redirected to a listener that is
+    /// going away, and open ones finish while the listeners drain.
     async fn unenrol(&self, ip: IpAddr, enrolled: Enrolled) {
-        enrolled.signal.drain().await;
         if let (Self::Inpod { sockets, .. }, Some(netns)) = (self, enrolled.netns) {
-            sockets.remove(ip);
             let removed = tokio::task::spawn_blocking(move || rules::remove(&netns)).await;
             if let Ok(Err(error)) = removed {
                 warn!(%ip, %error, "could not remove capture rules");
             }
+            enrolled.signal.drain().await;
+            sockets.remove(ip);
+        } else {
+            enrolled.signal.drain().await;
         }
     }
 }

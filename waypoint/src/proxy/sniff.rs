@@ -73,6 +73,13 @@ pub struct Rewind<T> {
     inner: T,
 }
 
+impl<T> Rewind<T> {
+    /// The stream itself (bytes already replayed or not are gone).
+    pub fn into_inner(self) -> T {
+        self.inner
+    }
+}
+
 impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         if !self.prefix.is_empty() {
