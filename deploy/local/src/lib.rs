@@ -6,3 +6,4 @@ pub mod demo;
 pub mod plan;
 pub mod runner;
 pub mod topology;
+pub mod waypoints;

@@ -57,7 +57,7 @@ fn main() -> anyhow::Result<()> {
                 },
             };
             println!("Bringing the lab up (state and logs in {})…", options.dir.display());
-            let lab = Lab::up(&options)?;
+            let mut lab = Lab::up(&options)?;
             let shown = demo::run(&lab);
             match &shown {
                 Ok(text) => println!("{text}"),
@@ -69,8 +69,13 @@ fn main() -> anyhow::Result<()> {
                 println!("  sudo ip netns exec mlab-node-1 nft list ruleset   # nothing here: rules live in pods");
                 println!("  sudo ip netns exec mlab-pod-demo-client nft list table inet ztunnel");
                 println!("  less {}/logs/ztunnel-node-2.log", options.dir.display());
+                println!(
+                    "  sudo waypoint apply -n demo --enroll-namespace --config-dir {}/config",
+                    options.dir.display()
+                );
+                println!("    # a waypoint for namespace demo: the lab deploys it, traffic goes through it");
                 println!("Press Ctrl-C to stop and clean up.");
-                wait_for_signal()?;
+                wait_for_signal(&mut lab)?;
             }
             println!("Cleaning up…");
             lab.down()?;
@@ -94,14 +99,22 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// Blocks until SIGINT or SIGTERM.
-fn wait_for_signal() -> anyhow::Result<()> {
+/// Blocks until SIGINT or SIGTERM, deploying and removing waypoints as Gateways come and go.
+fn wait_for_signal(lab: &mut Lab) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
         let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            result = tokio::signal::ctrl_c() => result,
-            _ = terminate.recv() => Ok(()),
+        loop {
+            tokio::select! {
+                result = tokio::signal::ctrl_c() => return result,
+                _ = terminate.recv() => return Ok(()),
+                () = tokio::time::sleep(std::time::Duration::from_secs(2)) => {
+                    match lab.reconcile_waypoints() {
+                        Ok(changes) => changes.iter().for_each(|c| println!("{c}")),
+                        Err(error) => eprintln!("waypoints: {error:#}"),
+                    }
+                }
+            }
         }
     })?;
     Ok(())

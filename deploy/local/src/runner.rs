@@ -87,6 +87,8 @@ pub struct Lab {
     pub pods: Vec<Pod>,
     state: State,
     processes: Vec<(String, Process)>,
+    /// Waypoints the lab deployed for Gateways that had no pod: (namespace, gateway) → pod name.
+    pub(crate) deployed: std::collections::BTreeMap<(String, String), String>,
 }
 
 /// Root is needed for namespaces, links and nftables; say so plainly.
@@ -123,8 +125,12 @@ impl Lab {
                 ..State::default()
             },
             processes: Vec::new(),
+            deployed: Default::default(),
         };
-        let result = lab.build().and_then(|()| lab.start());
+        let result = lab
+            .build()
+            .and_then(|()| lab.start())
+            .and_then(|()| lab.reconcile_waypoints().map(drop));
         if let Err(error) = result {
             let _ = lab.down();
             return Err(error);
@@ -234,25 +240,7 @@ impl Lab {
                         let name = format!("app-{}-{}-{port}", pod.namespace, pod.name);
                         self.spawn(&name, &namespace, role, &flags)?;
                     }
-                    App::Waypoint => {
-                        let flags = [
-                            format!("--node-name={}", pod.node),
-                            format!("--namespace={}", pod.namespace),
-                            format!("--gateway={}", pod.gateway.clone().unwrap_or_default()),
-                            format!("--service-account={}", pod.service_account),
-                            format!("--xds-address=https://{controller}:15012"),
-                            format!("--root-cert={}", self.path("ca/root-cert.pem")),
-                            format!("--token-file={}", self.path(&format!("tokens/{}", pod.node))),
-                            format!("--metrics-addr={}:15020", pod.ip),
-                            format!("--readiness-addr={}:15021", pod.ip),
-                        ];
-                        self.spawn(
-                            &format!("waypoint-{}-{}", pod.namespace, pod.name),
-                            &namespace,
-                            "waypoint",
-                            &flags,
-                        )?;
-                    }
+                    App::Waypoint => self.spawn_waypoint(&pod)?,
                 }
             }
         }
@@ -265,6 +253,46 @@ impl Lab {
             wait_ready(&network, readiness, &format!("waypoint {}/{}", pod.namespace, pod.name))?;
         }
         Ok(())
+    }
+
+    /// Starts the waypoint process of `pod` in its namespace.
+    pub(crate) fn spawn_waypoint(&mut self, pod: &Pod) -> anyhow::Result<()> {
+        let controller = self.topology.controller;
+        let flags = [
+            format!("--node-name={}", pod.node),
+            format!("--namespace={}", pod.namespace),
+            format!("--gateway={}", pod.gateway.clone().unwrap_or_default()),
+            format!("--service-account={}", pod.service_account),
+            format!("--xds-address=https://{controller}:15012"),
+            format!("--root-cert={}", self.path("ca/root-cert.pem")),
+            format!("--token-file={}", self.path(&format!("tokens/{}", pod.node))),
+            format!("--metrics-addr={}:15020", pod.ip),
+            format!("--readiness-addr={}:15021", pod.ip),
+        ];
+        let namespace = self.names.pod(&pod.namespace, &pod.name);
+        self.spawn(
+            &format!("waypoint-{}-{}", pod.namespace, pod.name),
+            &namespace,
+            "waypoint",
+            &flags,
+        )
+    }
+
+    /// Stops the process called `name`, if it runs.
+    pub(crate) fn stop_process(&mut self, name: &str) {
+        if let Some(at) = self.processes.iter().position(|(n, _)| n == name) {
+            let (_, mut process) = self.processes.remove(at);
+            process.stop();
+        }
+    }
+
+    /// Records a namespace in the state file, then creates it.
+    pub(crate) fn create_namespace(&mut self, name: &str) -> anyhow::Result<Namespace> {
+        self.namespace(name)
+    }
+
+    pub(crate) fn config_dir(&self) -> PathBuf {
+        self.dir.join("config")
     }
 
     fn start_ztunnel(&mut self, node: &crate::plan::Node) -> anyhow::Result<()> {
@@ -406,7 +434,7 @@ pub fn http_get(namespace: &str, address: SocketAddr, path: &str) -> anyhow::Res
     })?
 }
 
-fn wait_ready(namespace: &str, address: SocketAddr, what: &str) -> anyhow::Result<()> {
+pub(crate) fn wait_ready(namespace: &str, address: SocketAddr, what: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         match http_get(namespace, address, "/healthz/ready") {
