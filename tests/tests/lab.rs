@@ -321,13 +321,15 @@ fn requests_total_counts_exactly_what_was_sent(lab: &mut Lab) -> anyhow::Result<
 }
 
 fn the_waypoint_cli_gets_a_waypoint_deployed_and_traffic_follows(lab: &mut Lab) -> anyhow::Result<()> {
-    use waypoint::cli::{Command, Target, run};
+    use waypoint::cli::{Command, Store, Target};
     let config_dir = lab.dir.join("config");
     let target = || Target {
         namespace: "demo".into(),
         name: "waypoint".into(),
-        config_dir: config_dir.clone(),
+        store: Store::directory(&config_dir),
     };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let run = |command| runtime.block_on(waypoint::cli::run(command));
     // The demo's policy admits only the client at the servers; through a waypoint the servers see
     // the waypoint's identity, so admit that too.
     configure(
@@ -352,7 +354,7 @@ fn the_waypoint_cli_gets_a_waypoint_deployed_and_traffic_follows(lab: &mut Lab) 
         Ok(call(lab, CLIENT, SERVICE, "via")?.ends_with("via") && through_waypoint(lab)?)
     })?;
     let listed = run(Command::List {
-        config_dir: config_dir.clone(),
+        store: Store::directory(&config_dir),
     })?;
     ensure!(listed == "demo/waypoint  used by: demo\n", "{listed:?}");
     run(Command::Delete { target: target() })?;

@@ -268,7 +268,7 @@ async fn waypoint_requests(ip: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_creates_lists_and_deletes_a_waypoint_and_traffic_follows() {
-    use waypoint::cli::{Command, Target, run};
+    use waypoint::cli::{Command, Store, Target, run};
     let base = 66;
     // The waypoint is deployed, but no Gateway declares it and no namespace uses it yet.
     let yaml = manifests()
@@ -298,7 +298,7 @@ async fn the_cli_creates_lists_and_deletes_a_waypoint_and_traffic_follows() {
     let target = || Target {
         namespace: "demo".into(),
         name: "waypoint".into(),
-        config_dir: lab.dir.join("config"),
+        store: Store::directory(&lab.dir.join("config")),
     };
     /// Sends requests until the waypoint's count moves (or not) as expected.
     async fn until(what: &str, through_waypoint: bool, ip: &str, get: &impl AsyncFn()) {
@@ -324,21 +324,24 @@ async fn the_cli_creates_lists_and_deletes_a_waypoint_and_traffic_follows() {
         target: target(),
         enroll_namespace: true,
     })
+    .await
     .unwrap();
     assert!(applied.contains("waypoint demo/waypoint applied"), "{applied}");
     until("traffic through the new waypoint", true, &waypoint_ip, &get).await;
     let listed = run(Command::List {
-        config_dir: lab.dir.join("config"),
+        store: Store::directory(&lab.dir.join("config")),
     })
+    .await
     .unwrap();
     assert_eq!(listed, "demo/waypoint  used by: demo\n");
 
-    run(Command::Delete { target: target() }).unwrap();
+    run(Command::Delete { target: target() }).await.unwrap();
     until("traffic straight again", false, &waypoint_ip, &get).await;
     assert_eq!(
         run(Command::List {
-            config_dir: lab.dir.join("config")
+            store: Store::directory(&lab.dir.join("config"))
         })
+        .await
         .unwrap(),
         "no waypoints\n"
     );

@@ -22,7 +22,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(command) = args.command {
-        print!("{}", waypoint::cli::run(command)?);
+        print!("{}", waypoint::cli::run(command).await?);
         return Ok(());
     }
     let signals = mesh_core::lifecycle::Signals::install()?;
