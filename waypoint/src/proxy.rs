@@ -66,6 +66,15 @@ pub struct Waypoint<S> {
     next_endpoint: AtomicUsize,
 }
 
+/// What the access log says of a request beyond its connection.
+struct Logged<'a> {
+    method: &'a http::Method,
+    path: &'a str,
+    route: Option<&'a str>,
+    /// `ok`, or why it was refused.
+    result: &'a str,
+}
+
 /// Where a stream was addressed.
 #[derive(Clone, Debug)]
 struct Destination {
@@ -194,21 +203,22 @@ impl<S: CertificateSource> Waypoint<S> {
         // Authorization: the L7 policies on this waypoint or on the destination service.
         if let Err(denied) = self.authorize(&parts, destination, client) {
             let response = local_response(StatusCode::FORBIDDEN, "RBAC: access denied");
-            info!(
-                target: "access",
-                protocol = "http",
-                src.addr = %client.address,
-                src.identity = %client.identity,
-                dst.target = %destination.target,
-                method = %method,
-                path = path.as_str(),
-                status = 403,
-                result = denied.as_str(),
-                "request denied"
+            let request = Logged {
+                method: &method,
+                path: &path,
+                route: None,
+                result: &denied,
+            };
+            self.finish(
+                &request,
+                destination,
+                client,
+                None,
+                "-",
+                started,
+                request_bytes,
+                &response,
             );
-            let labels = self.labels(destination, client, None, StatusCode::FORBIDDEN, "-");
-            self.metrics
-                .record(&labels, started.elapsed().as_secs_f64() * 1000.0, request_bytes, 0);
             return response;
         }
 
@@ -248,12 +258,43 @@ impl<S: CertificateSource> Waypoint<S> {
         }
 
         // Log and metrics.
+        let request = Logged {
+            method: &method,
+            path: &path,
+            route: route_name.as_deref(),
+            result: "ok",
+        };
+        self.finish(
+            &request,
+            destination,
+            client,
+            upstream.as_ref(),
+            flags,
+            started,
+            request_bytes,
+            &response,
+        );
+        response
+    }
+
+    /// The last phase: the request's metrics and its access-log line.
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &self,
+        request: &Logged<'_>,
+        destination: &Destination,
+        client: &Client,
+        upstream: Option<&(Arc<Workload>, SocketAddr)>,
+        flags: &'static str,
+        started: Instant,
+        request_bytes: u64,
+        response: &Response<Body>,
+    ) {
         let status = response.status();
         let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
-        let upstream_workload = upstream.as_ref().map(|(w, _)| w.clone());
-        let labels = self.labels(destination, client, upstream_workload.as_deref(), status, flags);
-        let response_bytes = content_length(response.headers());
-        self.metrics.record(&labels, duration_ms, request_bytes, response_bytes);
+        let labels = self.labels(destination, client, upstream.map(|(w, _)| w.as_ref()), status, flags);
+        self.metrics
+            .record(&labels, duration_ms, request_bytes, content_length(response.headers()));
         info!(
             target: "access",
             protocol = "http",
@@ -261,15 +302,15 @@ impl<S: CertificateSource> Waypoint<S> {
             src.identity = %client.identity,
             dst.target = %destination.target,
             dst.service = destination.service.as_ref().map(|s| s.hostname.as_str()).unwrap_or("-"),
-            upstream = upstream.as_ref().map(|(_, a)| a.to_string()).as_deref().unwrap_or("-"),
-            route = route_name.as_deref().unwrap_or("-"),
-            method = %method,
-            path = path.as_str(),
+            upstream = upstream.map(|(_, a)| a.to_string()).as_deref().unwrap_or("-"),
+            route = request.route.unwrap_or("-"),
+            method = %request.method,
+            path = request.path,
             status = status.as_u16(),
             duration_ms = format!("{duration_ms:.2}"),
+            result = request.result,
             "request complete"
         );
-        response
     }
 
     fn authorize(&self, parts: &Parts, destination: &Destination, client: &Client) -> Result<(), String> {

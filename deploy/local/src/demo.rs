@@ -149,14 +149,7 @@ pub fn run(lab: &Lab) -> anyhow::Result<String> {
             .lines()
             .filter(|l| l.starts_with("istio_tcp_connections_opened_total{"))
         {
-            let label = |name: &str| {
-                let key = format!("{name}=\"");
-                line.split(&key)
-                    .nth(1)
-                    .and_then(|rest| rest.split('"').next())
-                    .unwrap_or("?")
-                    .to_owned()
-            };
+            let label = |name: &str| metric_label(line, name);
             let count = line.rsplit(' ').next().unwrap_or("?");
             writeln!(
                 out,
@@ -180,14 +173,7 @@ pub fn run(lab: &Lab) -> anyhow::Result<String> {
             .map(|(_, body)| body)
             .unwrap_or_default();
         for line in metrics.lines().filter(|l| l.starts_with("istio_requests_total{")) {
-            let label = |name: &str| {
-                let key = format!("{name}=\"");
-                line.split(&key)
-                    .nth(1)
-                    .and_then(|rest| rest.split('"').next())
-                    .unwrap_or("?")
-                    .to_owned()
-            };
+            let label = |name: &str| metric_label(line, name);
             let count = line.rsplit(' ').next().unwrap_or("?");
             writeln!(
                 out,
@@ -200,4 +186,13 @@ pub fn run(lab: &Lab) -> anyhow::Result<String> {
         }
     }
     Ok(out)
+}
+
+/// The value of label `name` on a metrics line, `?` when absent.
+fn metric_label(line: &str, name: &str) -> String {
+    line.split(&format!("{name}=\""))
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or("?")
+        .to_owned()
 }
