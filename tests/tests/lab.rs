@@ -230,7 +230,12 @@ fn a_ztunnel_restart_keeps_rules_and_serves_again(lab: &mut Lab) -> anyhow::Resu
 /// An HTTP/1.1 request from the demo client to `reviews` (through the waypoint): status, body.
 fn http(lab: &Lab, method: &str, path: &str, headers: &str) -> anyhow::Result<(u16, String)> {
     let request = format!("{method} {path} HTTP/1.1\r\nhost: reviews\r\n{headers}connection: close\r\n\r\n");
-    let answer = call(lab, CLIENT, "10.96.0.20:80", &request)?;
+    let answer = runner::http_request(
+        &lab.names.pod(CLIENT.0, CLIENT.1),
+        at("10.96.0.20:80"),
+        request.as_bytes(),
+    )?;
+    let answer = String::from_utf8_lossy(&answer);
     let status = answer.get(9..12).unwrap_or("0").parse().unwrap_or(0);
     let body = answer
         .split_once("\r\n\r\n")

@@ -45,13 +45,13 @@ fn field(allowed: &[String], excluded: &[String], value: Option<&str>) -> bool {
     (allowed.is_empty() || any(allowed)) && !any(excluded)
 }
 
-fn principal(request: &Request<'_>) -> String {
-    request.source.to_string().trim_start_matches("spiffe://").to_owned()
+/// The source's principal as policies write it: the URI without `spiffe://`.
+fn principal<'a>(request: &Request<'a>) -> &'a str {
+    request.source.as_str().trim_start_matches("spiffe://")
 }
 
 fn source_matches(source: &L7Source, request: &Request<'_>) -> bool {
-    let principal = principal(request);
-    field(&source.principals, &source.not_principals, Some(&principal))
+    field(&source.principals, &source.not_principals, Some(principal(request)))
         && field(
             &source.namespaces,
             &source.not_namespaces,
@@ -63,9 +63,9 @@ fn operation_matches(operation: &L7Operation, request: &Request<'_>, deny: bool)
     if request.opaque {
         return deny;
     }
+    // Host patterns are lowercased once, when the policy arrives.
     let host = request.host.to_ascii_lowercase();
-    let lowered = |patterns: &[String]| patterns.iter().map(|p| p.to_ascii_lowercase()).collect::<Vec<_>>();
-    field(&lowered(&operation.hosts), &lowered(&operation.not_hosts), Some(&host))
+    field(&operation.hosts, &operation.not_hosts, Some(&host))
         && field(&operation.methods, &operation.not_methods, Some(request.method))
         && field(&operation.paths, &operation.not_paths, Some(request.path))
 }
@@ -74,25 +74,19 @@ fn condition_matches(condition: &L7Condition, request: &Request<'_>, deny: bool)
     if request.opaque && condition.key.starts_with("request.") {
         return deny;
     }
-    let principal = principal(request);
-    let value = if let Some(name) = condition
+    let value = match condition
         .key
         .strip_prefix("request.headers[")
         .and_then(|k| k.strip_suffix(']'))
     {
-        request
-            .headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    } else {
-        match condition.key.as_str() {
-            "source.principal" => Some(principal),
-            "source.namespace" => Some(request.source.namespace().to_owned()),
+        Some(name) => request.headers.get(name).and_then(|v| v.to_str().ok()),
+        None => match condition.key.as_str() {
+            "source.principal" => Some(principal(request)),
+            "source.namespace" => Some(request.source.namespace()),
             _ => None,
-        }
+        },
     };
-    field(&condition.values, &condition.not_values, value.as_deref())
+    field(&condition.values, &condition.not_values, value)
 }
 
 fn rule_matches(rule: &L7Rule, request: &Request<'_>, deny: bool) -> bool {
@@ -156,7 +150,13 @@ impl PolicyStore {
         }
         for update in updates {
             match L7Policy::decode(&*update.resource.value) {
-                Ok(policy) => {
+                Ok(mut policy) => {
+                    // Hosts compare case-insensitively: lowercase the patterns once, here.
+                    for operation in policy.rules.iter_mut().flat_map(|r| r.to.iter_mut()) {
+                        for host in operation.hosts.iter_mut().chain(operation.not_hosts.iter_mut()) {
+                            *host = host.to_ascii_lowercase();
+                        }
+                    }
                     self.by_name.insert(update.name, Arc::new(policy));
                 }
                 Err(error) => rejected.push(Rejection {

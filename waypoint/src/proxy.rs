@@ -333,16 +333,16 @@ impl<S: CertificateSource> Waypoint<S> {
 
     /// The L7 policies on this waypoint or on the destination service, applied to `request`.
     fn check(&self, destination: &Destination, request: &crate::authz::Request<'_>) -> Result<(), String> {
-        let policies = self.policies.read().expect("not poisoned").clone();
-        let service_target = destination
-            .service
-            .as_ref()
-            .map(|s| format!("Service/{}/{}", s.namespace, s.name));
-        let applies = |p: &&Arc<mesh_core::proto::waypoint::L7Policy>| {
-            p.targets
-                .iter()
-                .any(|t| *t == self.gateway || Some(t) == service_target.as_ref())
+        let service = destination.service.as_deref();
+        // A target is `Gateway/<ns>/<name>` (this waypoint) or `Service/<ns>/<name>`.
+        let targets_service = |target: &str| {
+            let named = target.strip_prefix("Service/").and_then(|t| t.split_once('/'));
+            service.is_some_and(|s| named == Some((s.namespace.as_str(), s.name.as_str())))
         };
+        let applies = |p: &&Arc<mesh_core::proto::waypoint::L7Policy>| {
+            p.targets.iter().any(|t| *t == self.gateway || targets_service(t))
+        };
+        let policies = self.policies.read().expect("not poisoned");
         crate::authz::check(policies.iter().filter(applies).map(|p| p.as_ref()), request)
     }
 

@@ -4,31 +4,39 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 
-use crate::runner::{Lab, exchange, http_get};
+use crate::runner::{Lab, exchange, http_get, http_request};
 
 /// One connection the demo makes, and what it sends.
 struct Call {
     from: (&'static str, &'static str),
     to: &'static str,
     address: SocketAddr,
-    send: &'static str,
+    send: Payload,
+}
+
+/// What a call sends.
+enum Payload {
+    /// Bytes to the echo apps, half-closed after.
+    Echo(&'static str),
+    /// An HTTP/1.1 request line (`GET /path`) and extra header lines.
+    Http(&'static str, &'static str),
 }
 
 /// The calls of the waypoint example (`examples/waypoint`): HTTP through the waypoint.
 fn waypoint_calls() -> Vec<Call> {
     let at = |text: &str| text.parse().expect("demo address");
-    let reviews = |send| Call {
+    let reviews = |line, headers| Call {
         from: ("demo", "client"),
         to: "service demo/reviews",
         address: at("10.96.0.20:80"),
-        send,
+        send: Payload::Http(line, headers),
     };
     vec![
-        reviews("GET / HTTP/1.1\r\nhost: reviews\r\nconnection: close\r\n\r\n"),
-        reviews("GET / HTTP/1.1\r\nhost: reviews\r\nx-version: v2\r\nconnection: close\r\n\r\n"),
-        reviews("GET /flaky HTTP/1.1\r\nhost: reviews\r\nconnection: close\r\n\r\n"),
-        reviews("GET /slow HTTP/1.1\r\nhost: reviews\r\nconnection: close\r\n\r\n"),
-        reviews("DELETE / HTTP/1.1\r\nhost: reviews\r\nconnection: close\r\n\r\n"),
+        reviews("GET /", ""),
+        reviews("GET /", "x-version: v2\r\n"),
+        reviews("GET /flaky", ""),
+        reviews("GET /slow", ""),
+        reviews("DELETE /", ""),
     ]
 }
 
@@ -39,20 +47,20 @@ fn calls() -> Vec<Call> {
             from: ("demo", "client"),
             to: "service demo/server",
             address: at("10.96.0.10:80"),
-            send: "hello",
+            send: Payload::Echo("hello"),
         })
         .collect();
     calls.push(Call {
         from: ("legacy", "legacy-client"),
         to: "pod demo/server-1",
         address: at("10.11.2.10:8080"),
-        send: "hello",
+        send: Payload::Echo("hello"),
     });
     calls.push(Call {
         from: ("demo", "client"),
         to: "pod legacy/legacy-server",
         address: at("10.11.1.21:8080"),
-        send: "hello",
+        send: Payload::Echo("hello"),
     });
     calls
 }
@@ -75,11 +83,17 @@ pub fn run(lab: &Lab) -> anyhow::Result<String> {
     let with_waypoint = lab.pod("demo", "reviews-v1").is_some();
     let calls = if with_waypoint { waypoint_calls() } else { calls() };
     for call in calls.into_iter().filter(|c| lab.pod(c.from.0, c.from.1).is_some()) {
-        let answer = exchange(
-            &lab.names.pod(call.from.0, call.from.1),
-            call.address,
-            call.send.as_bytes(),
-        )?;
+        let pod = lab.names.pod(call.from.0, call.from.1);
+        let (answer, what) = match call.send {
+            Payload::Echo(bytes) => (exchange(&pod, call.address, bytes.as_bytes())?, String::new()),
+            Payload::Http(line, headers) => {
+                let request = format!("{line} HTTP/1.1\r\nhost: reviews\r\n{headers}connection: close\r\n\r\n");
+                (
+                    http_request(&pod, call.address, request.as_bytes())?,
+                    format!(" {line}"),
+                )
+            }
+        };
         let answer = String::from_utf8_lossy(&answer);
         let outcome = if let Some(head) = answer.strip_prefix("HTTP/1.1 ") {
             let status = head.get(..3).unwrap_or("?");
@@ -91,12 +105,6 @@ pub fn run(lab: &Lab) -> anyhow::Result<String> {
                 None if answer.is_empty() => "refused".to_owned(),
                 None => format!("answered {answer:?}"),
             }
-        };
-        let what = call.send.split("\r\n").next().unwrap_or_default();
-        let what = if what.contains("HTTP/1.1") {
-            format!(" {}", what.trim_end_matches(" HTTP/1.1"))
-        } else {
-            String::new()
         };
         writeln!(
             out,

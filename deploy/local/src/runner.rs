@@ -138,14 +138,15 @@ impl Lab {
         Ok(lab)
     }
 
-    fn namespace(&mut self, name: &str) -> anyhow::Result<Namespace> {
+    /// Records a namespace in the state file, then creates it.
+    pub(crate) fn create_namespace(&mut self, name: &str) -> anyhow::Result<Namespace> {
         self.state.namespaces.push(name.to_owned());
         self.state.save(&self.dir)?;
         Ok(Namespace::create(name)?.keep())
     }
 
     fn build(&mut self) -> anyhow::Result<()> {
-        let network = self.namespace(&self.names.network())?;
+        let network = self.create_namespace(&self.names.network())?;
         let bridge_cidr = self.topology.bridge.clone();
         let (bridge, prefix) = bridge_cidr.split_once('/').context("bridge is a.b.c.d/len")?;
         network.ip(&["link", "add", "br0", "type", "bridge"])?;
@@ -160,7 +161,7 @@ impl Lab {
         network.ip(&["link", "set", "br0", "up"])?;
         let topology = self.topology.clone();
         for (index, node) in topology.nodes.iter().enumerate() {
-            let namespace = self.namespace(&self.names.node(&node.name))?;
+            let namespace = self.create_namespace(&self.names.node(&node.name))?;
             let link = format!("n{}", index + 1);
             topology::veth(Some(&network), &link, &namespace)?;
             network.ip(&["link", "set", &link, "master", "br0", "up"])?;
@@ -174,7 +175,7 @@ impl Lab {
             }
         }
         for (index, pod) in self.pods.clone().iter().enumerate() {
-            let namespace = self.namespace(&self.names.pod(&pod.namespace, &pod.name))?;
+            let namespace = self.create_namespace(&self.names.pod(&pod.namespace, &pod.name))?;
             let node = Namespace::existing(&self.names.node(&pod.node));
             topology::attach(Some(&node), &namespace, &format!("p{index}"), pod.ip)?;
         }
@@ -286,11 +287,6 @@ impl Lab {
         }
     }
 
-    /// Records a namespace in the state file, then creates it.
-    pub(crate) fn create_namespace(&mut self, name: &str) -> anyhow::Result<Namespace> {
-        self.namespace(name)
-    }
-
     pub(crate) fn config_dir(&self) -> PathBuf {
         self.dir.join("config")
     }
@@ -350,13 +346,8 @@ impl Lab {
     /// Restarts the ztunnel of `node` the hard way (SIGKILL, as a crash): its rules stay behind.
     pub fn crash_ztunnel(&mut self, node: &str) -> anyhow::Result<()> {
         let name = format!("ztunnel-{node}");
-        let at = self
-            .processes
-            .iter()
-            .position(|(n, _)| *n == name)
-            .with_context(|| format!("no ztunnel on {node}"))?;
-        let (_, mut process) = self.processes.remove(at);
-        process.stop();
+        anyhow::ensure!(self.processes.iter().any(|(n, _)| *n == name), "no ztunnel on {node}");
+        self.stop_process(&name);
         Ok(())
     }
 
@@ -451,25 +442,29 @@ pub(crate) fn wait_ready(namespace: &str, address: SocketAddr, what: &str) -> an
 /// Connects from inside a pod's namespace, sends `data`, half-closes and reads the answer to its
 /// end (blocking). An empty answer means the connection was refused or closed.
 pub fn exchange(pod_namespace: &str, destination: SocketAddr, data: &[u8]) -> anyhow::Result<Vec<u8>> {
+    talk(pod_namespace, destination, data, true)
+}
+
+/// Like [`exchange`] for an HTTP request that asks for `connection: close`: no half-close (an
+/// HTTP server may take one as an abort); the server's close ends the answer.
+pub fn http_request(pod_namespace: &str, destination: SocketAddr, request: &[u8]) -> anyhow::Result<Vec<u8>> {
+    talk(pod_namespace, destination, request, false)
+}
+
+fn talk(pod_namespace: &str, destination: SocketAddr, data: &[u8], half_close: bool) -> anyhow::Result<Vec<u8>> {
     let data = data.to_vec();
     Namespace::existing(pod_namespace).run(move || -> anyhow::Result<Vec<u8>> {
         let mut stream = TcpStream::connect_timeout(&destination, Duration::from_secs(3))?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        // A refusal may reset the connection under our writes: what was read tells. HTTP asks
-        // for `connection: close` and is not half-closed (an HTTP server may take that as an abort).
+        // A refusal may reset the connection under our writes: what was read tells.
         let _ = stream.write_all(&data);
-        if !data.starts_with(b"GET ") && !data.starts_with(b"DELETE ") {
+        if half_close {
             let _ = stream.shutdown(std::net::Shutdown::Write);
         }
         let mut answer = Vec::new();
         let _ = stream.read_to_end(&mut answer);
         Ok(answer)
     })?
-}
-
-/// The lab's own address for a node's endpoint.
-pub fn node_endpoint(topology: &Topology, node: &str, port: u16) -> Option<SocketAddr> {
-    topology.node(node).map(|n| SocketAddr::from((n.address, port)))
 }
 
 /// The echo app: greets with `name`, then echoes, on `listen` (one thread per connection).

@@ -55,6 +55,11 @@ impl SpiffeId {
         self.uri[SCHEME.len()..].split('/').nth(index).unwrap_or_default()
     }
 
+    /// The whole URI, `spiffe://…`.
+    pub fn as_str(&self) -> &str {
+        &self.uri
+    }
+
     pub fn trust_domain(&self) -> &str {
         self.part(0)
     }

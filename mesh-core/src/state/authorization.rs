@@ -74,9 +74,7 @@ fn matches_clause(clause: &Clause, connection: &Connection<'_>) -> bool {
 
 fn matches_match(m: &Match, c: &Connection<'_>) -> bool {
     // Principals compare without the scheme: `td/ns/<ns>/sa/<sa>`.
-    let principal = c
-        .source_identity
-        .map(|id| id.to_string().trim_start_matches("spiffe://").to_owned());
+    let principal = c.source_identity.map(|id| id.as_str().trim_start_matches("spiffe://"));
     let namespace = c.source_identity.map(SpiffeId::namespace);
     let string_field = |patterns: &[StringMatch], value: Option<&str>, negated: bool| {
         if patterns.is_empty() {
@@ -101,8 +99,8 @@ fn matches_match(m: &Match, c: &Connection<'_>) -> bool {
         });
         any != negated
     };
-    string_field(&m.principals, principal.as_deref(), false)
-        && string_field(&m.not_principals, principal.as_deref(), true)
+    string_field(&m.principals, principal, false)
+        && string_field(&m.not_principals, principal, true)
         && string_field(&m.namespaces, namespace, false)
         && string_field(&m.not_namespaces, namespace, true)
         && service_account(&m.service_accounts, false)
