@@ -7,6 +7,8 @@ use std::time::Duration;
 use mesh_core::lifecycle::Endpoints;
 use mesh_core::telemetry::LogArgs;
 
+use crate::auth::AccountName;
+use crate::leader::LeaseSettings;
 use crate::translate::Mesh;
 
 /// The slim controller of the ambient mesh: watches Kubernetes (or a directory of the same YAML),
@@ -18,27 +20,58 @@ pub struct Config {
     #[command(flatten)]
     pub log: LogArgs,
     /// Directory of Kubernetes YAML manifests (multi-document .yaml/.yml), watched for changes.
-    #[arg(
-        long,
-        env = "ISTIOD_CONFIG_DIR",
-        required_unless_present = "kubernetes",
-        conflicts_with = "kubernetes"
-    )]
+    /// May be combined with --kubernetes: both feed the same configuration.
+    #[arg(long, env = "ISTIOD_CONFIG_DIR", required_unless_present = "kubernetes")]
     pub config_dir: Option<PathBuf>,
-    /// Read configuration from the Kubernetes API instead (in-cluster, or KUBECONFIG / --kubeconfig).
+    /// Watch the Kubernetes API (namespaces, pods, services, Istio's and Gateway API's kinds):
+    /// in-cluster when run in a pod, else --kubeconfig. Also turns on TokenReview authentication,
+    /// the CA in Secrets, leader election and the waypoint deployment controller.
     #[arg(long, env = "ISTIOD_KUBERNETES")]
     pub kubernetes: bool,
     /// Kubeconfig file for --kubernetes (default: in-cluster, then $KUBECONFIG, then ~/.kube/config).
     #[arg(long, env = "KUBECONFIG", requires = "kubernetes")]
     pub kubeconfig: Option<PathBuf>,
     /// CA key material in Istio's cacerts layout (ca-cert.pem, ca-key.pem, cert-chain.pem,
-    /// root-cert.pem); a self-signed root is created there on first start.
-    #[arg(long, env = "ISTIOD_CA_DIR", default_value = "/var/lib/istiod-lite/ca")]
-    pub ca_dir: PathBuf,
-    /// Directory of node tokens: a file per node, named after it, holding the bearer token its
-    /// ztunnel presents to the CA.
+    /// root-cert.pem); a self-signed root is created there on first start. Default
+    /// /var/lib/istiod-lite/ca; with --kubernetes the default is the Secrets `cacerts` (a plugged-in
+    /// CA) or else `istio-ca-secret` in the system namespace, shared by every replica.
+    #[arg(long, env = "ISTIOD_CA_DIR")]
+    pub ca_dir: Option<PathBuf>,
+    /// Directory of node tokens (the lab's authenticator): a file per node, named after it,
+    /// holding the bearer token its ztunnel presents to xDS and the CA.
     #[arg(long, env = "ISTIOD_NODE_TOKENS_DIR")]
     pub node_tokens_dir: Option<PathBuf>,
+    /// Audiences a service-account token must be valid for (TokenReview, with --kubernetes).
+    #[arg(long, env = "TOKEN_AUDIENCES", value_delimiter = ',', default_value = "istio-ca")]
+    pub token_audiences: Vec<String>,
+    /// Service accounts (<namespace>/<name>, comma-separated) trusted as node agents: only they
+    /// may ask for another identity (ImpersonatedIdentity), and only for pods on their own node.
+    #[arg(long, env = "CA_TRUSTED_NODE_ACCOUNTS", value_delimiter = ',', default_value = "istio-system/ztunnel")]
+    pub trusted_node_accounts: Vec<AccountName>,
+    /// Namespace istiod-lite runs in: its Lease and CA Secret live there (with --kubernetes).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
+    pub system_namespace: String,
+    /// This replica's name, its identity in the leader Lease (default: the host name and pid).
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+    /// The leader Lease (coordination.k8s.io/v1) in the system namespace.
+    #[arg(long, env = "ISTIOD_LEASE_NAME", default_value = "istiod-lite-leader")]
+    pub lease_name: String,
+    /// How long a leader's last renewal keeps the other replicas from taking over.
+    #[arg(long, env = "ISTIOD_LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub lease_duration: Duration,
+    /// How long the leader keeps writing without a successful renewal.
+    #[arg(long, env = "ISTIOD_LEASE_RENEW_DEADLINE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub lease_renew_deadline: Duration,
+    /// How often replicas try to acquire or renew the Lease.
+    #[arg(long, env = "ISTIOD_LEASE_RETRY_PERIOD", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub lease_retry_period: Duration,
+    /// Image of the waypoint Deployments istiod-lite creates for `istio-waypoint` Gateways.
+    #[arg(long, env = "WAYPOINT_IMAGE", default_value = "ghcr.io/ambient-mesh/waypoint:latest")]
+    pub waypoint_image: String,
+    /// The xDS/CA address waypoint pods are given (their XDS_ADDRESS).
+    #[arg(long, env = "WAYPOINT_XDS_ADDRESS", default_value = "https://istiod-lite.istio-system.svc:15012")]
+    pub waypoint_xds_address: String,
     /// Validity of workload certificates when the caller asks for none (e.g. 24h).
     #[arg(long, env = "ISTIOD_CERT_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     pub cert_ttl: Duration,
@@ -117,6 +150,42 @@ impl Config {
         }
     }
 
+    /// The CA directory: the flag, else the default when the CA does not live in Secrets.
+    pub fn ca_dir(&self) -> Option<PathBuf> {
+        match (&self.ca_dir, self.kubernetes) {
+            (Some(dir), _) => Some(dir.clone()),
+            (None, true) => None,
+            (None, false) => Some(PathBuf::from("/var/lib/istiod-lite/ca")),
+        }
+    }
+
+    pub fn deployment(&self) -> crate::deployment::Settings {
+        crate::deployment::Settings {
+            waypoint_image: self.waypoint_image.clone(),
+            xds_address: self.waypoint_xds_address.clone(),
+            domain_suffix: self.domain_suffix.clone(),
+            trust_domain: self.trust_domain.clone(),
+            ..Default::default()
+        }
+    }
+
+    pub fn lease(&self) -> LeaseSettings {
+        let identity = self.pod_name.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "istiod-lite".to_owned());
+            format!("{host}-{}", std::process::id())
+        });
+        LeaseSettings {
+            namespace: self.system_namespace.clone(),
+            name: self.lease_name.clone(),
+            identity,
+            duration: self.lease_duration,
+            renew_deadline: self.lease_renew_deadline,
+            retry_period: self.lease_retry_period,
+        }
+    }
+
     /// Checks what flags alone cannot.
     pub fn validate(&self) -> Result<(), String> {
         if self.cert_ttl > self.max_cert_ttl {
@@ -133,6 +202,12 @@ impl Config {
         }
         mesh_core::identity::SpiffeId::new(&self.trust_domain, "istio-system", "istiod")
             .map_err(|e| format!("--trust-domain {:?}: {e}", self.trust_domain))?;
+        if self.token_audiences.iter().all(|a| a.trim().is_empty()) {
+            return Err("--token-audiences: at least one audience is needed".to_owned());
+        }
+        if self.kubernetes {
+            self.lease().validate()?;
+        }
         Ok(())
     }
 }

@@ -2,10 +2,13 @@
 //! source (files | kube) → [`store`] → pure [`translate`] → [`xds`] server; the [`ca`] signs
 //! workload certificates for the node agents that run them.
 
+pub mod auth;
 pub mod ca;
 pub mod config;
 pub mod controller;
+pub mod deployment;
 pub mod grpc;
+pub mod leader;
 pub mod objects;
 pub mod source;
 pub mod store;
@@ -37,36 +40,64 @@ pub async fn run(config: Arc<Config>, signals: Signals, log: LogHandle) -> anyho
         config_errors.clone(),
     );
 
-    let (authority, origin) = ca::files::load_or_create(&config.ca_dir, &config.trust_domain)?;
-    info!(dir = %config.ca_dir.display(), ?origin, trust_domain = %config.trust_domain, "CA ready");
-    let authority = Arc::new(authority);
-    let tokens = match &config.node_tokens_dir {
-        Some(dir) => ca::NodeTokens::load(dir)?,
-        None => {
-            warn!("no --node-tokens-dir: the CA refuses every certificate request");
-            ca::NodeTokens::default()
-        }
+    let kube = match config.kubernetes {
+        true => Some(
+            source::kubernetes::client(config.kubeconfig.as_deref())
+                .await
+                .map_err(|e| match &config.kubeconfig {
+                    Some(path) => anyhow::anyhow!("--kubeconfig {}: {e}", path.display()),
+                    None => anyhow::anyhow!("--kubernetes: no in-cluster config and no usable kubeconfig: {e}"),
+                })?,
+        ),
+        false => None,
     };
-    info!(nodes = tokens.len(), "node tokens loaded");
+
+    let authority = Arc::new(load_authority(&config, kube.clone()).await?);
+    let mut authenticators: Vec<Arc<dyn auth::Authenticator>> = Vec::new();
+    if let Some(dir) = &config.node_tokens_dir {
+        let tokens = auth::NodeTokens::load(dir)?;
+        info!(nodes = tokens.len(), "node tokens loaded");
+        authenticators.push(Arc::new(tokens));
+    }
+    if let Some(client) = &kube {
+        info!(audiences = ?config.token_audiences, "service-account tokens checked with TokenReview");
+        authenticators.push(Arc::new(auth::TokenReviewer::new(
+            client.clone(),
+            config.token_audiences.clone(),
+        )));
+    }
+    if authenticators.is_empty() {
+        warn!("neither --node-tokens-dir nor --kubernetes: the CA and xDS on the TLS port refuse every caller");
+    }
+    let authenticators = auth::Authenticators::new(authenticators);
 
     let store = Arc::new(store::Store::new());
     let publisher = Arc::new(xds::Publisher::new());
-    match &config.config_dir {
-        Some(dir) => {
-            let watching = source::files::load(dir, store.clone(), config_errors.clone())
-                .map_err(|e| anyhow::anyhow!("--config-dir {}: {e}", dir.display()))?;
-            lifecycle.spawn(watching.run());
-        }
-        None => {
-            anyhow::bail!("--kubernetes: the Kubernetes source is not available in this build yet; use --config-dir")
-        }
+    if let Some(dir) = &config.config_dir {
+        let watching = source::files::load(dir, store.clone(), config_errors.clone())
+            .map_err(|e| anyhow::anyhow!("--config-dir {}: {e}", dir.display()))?;
+        lifecycle.spawn(watching.run());
     }
-    lifecycle.spawn(controller::run(
-        store.subscribe(),
-        publisher.clone(),
-        config.mesh(),
-        readiness.register("config"),
-    ));
+    let (synced, kubernetes_synced) = tokio::sync::oneshot::channel();
+    match &kube {
+        Some(client) => lifecycle.spawn(source::kubernetes::run(client.clone(), store.clone(), synced)),
+        None => drop(synced.send(())),
+    }
+    let translating = readiness.register("config");
+    let (objects, mesh) = (store.subscribe(), config.mesh());
+    let translator = publisher.clone();
+    lifecycle.spawn(async move {
+        // The first publication waits for every source, so no client ever sees half a cluster.
+        if kubernetes_synced.await.is_ok() {
+            controller::run(objects, translator, mesh, translating).await;
+        }
+    });
+    if let Some(client) = &kube {
+        let (leading, elected) = tokio::sync::watch::channel(false);
+        lifecycle.spawn(leader::run(client.clone(), config.lease(), leading));
+        // DEPLOYMENT-WIP lifecycle.spawn(deployment::run(client.clone(), config.deployment(), elected));
+        drop(elected);
+    }
 
     let lifetimes = ca::Lifetimes {
         default: config.cert_ttl,
@@ -74,11 +105,12 @@ pub async fn run(config: Arc<Config>, signals: Signals, log: LogHandle) -> anyho
     };
     let ca = ca::CertificateService::new(
         authority.clone(),
-        tokens,
+        authenticators.clone(),
         ca::PodPlacement(store.clone()),
         &config.trust_domain,
         lifetimes,
-    );
+    )
+    .with_trusted_node_accounts(config.trusted_node_accounts.clone());
     let xds = xds::Server::new(&publisher, xds_metrics);
     let plaintext = grpc::bind(config.xds_plaintext_addr, "xds-plaintext").await?;
     let tls = grpc::bind(config.xds_addr, "xds-tls").await?;
@@ -92,11 +124,29 @@ pub async fn run(config: Arc<Config>, signals: Signals, log: LogHandle) -> anyho
         plaintext,
         lifecycle.watch(),
     ));
-    lifecycle.spawn(grpc::serve_tls(grpc::router(xds, ca), tls, serving, lifecycle.watch()));
+    lifecycle.spawn(grpc::serve_tls(
+        grpc::router(xds.authenticated(authenticators), ca),
+        tls,
+        serving,
+        lifecycle.watch(),
+    ));
 
     lifecycle
         .serve_endpoints(&config.endpoints(), Routes::new(), log, registry, readiness)
         .await?;
     lifecycle.run(signals, config.drain_deadline).await;
     Ok(())
+}
+
+/// The CA from --ca-dir, or (with --kubernetes and no --ca-dir) from the system namespace's Secrets.
+async fn load_authority(config: &Config, kube: Option<kube::Client>) -> anyhow::Result<mesh_core::identity::Authority> {
+    if let Some(dir) = config.ca_dir() {
+        let (authority, origin) = ca::files::load_or_create(&dir, &config.trust_domain)?;
+        info!(dir = %dir.display(), ?origin, trust_domain = %config.trust_domain, "CA ready");
+        return Ok(authority);
+    }
+    let client = kube.expect("ca_dir() is None only with --kubernetes");
+    let (authority, origin, secret) = ca::secret::load_or_create(client, &config.system_namespace, &config.trust_domain).await?;
+    info!(secret = %format!("{}/{secret}", config.system_namespace), ?origin, trust_domain = %config.trust_domain, "CA ready");
+    Ok(authority)
 }

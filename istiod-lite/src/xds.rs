@@ -14,7 +14,9 @@ use mesh_core::proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse}
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::Instrument;
+use tracing::{Instrument, warn};
+
+use crate::auth::Authenticators;
 
 pub use metrics::{Metrics, ResourceType, TypeLabels};
 pub use snapshot::{Publisher, Resource, Snapshot};
@@ -29,6 +31,8 @@ pub struct Server {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     metrics: Arc<Metrics>,
     next_client: Arc<AtomicU64>,
+    /// Who may subscribe; `None` serves anyone (the loopback-only plaintext port).
+    authenticators: Option<Authenticators>,
 }
 
 impl Server {
@@ -37,7 +41,14 @@ impl Server {
             snapshots: publisher.subscribe(),
             metrics,
             next_client: Arc::default(),
+            authenticators: None,
         }
+    }
+
+    /// The same server, serving only callers one of `authenticators` accepts.
+    pub fn authenticated(mut self, authenticators: Authenticators) -> Self {
+        self.authenticators = Some(authenticators);
+        self
     }
 }
 
@@ -51,11 +62,21 @@ impl AggregatedDiscoveryService for Server {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let id = self.next_client.fetch_add(1, Ordering::Relaxed);
         let peer = request.remote_addr();
+        let caller = match &self.authenticators {
+            None => None,
+            Some(authenticators) => match authenticators.authenticate(request.metadata()).await {
+                Ok(caller) => Some(caller.to_string()),
+                Err(status) => {
+                    warn!(peer = ?peer, reason = status.message(), "xDS subscription refused: caller not authenticated");
+                    return Err(status);
+                }
+            },
+        };
+        let id = self.next_client.fetch_add(1, Ordering::Relaxed);
         let (responses, queue) = mpsc::channel(CLIENT_QUEUE);
         let client = stream::Client::new(id, responses, self.metrics.clone());
-        let span = tracing::info_span!("xds_client", id, peer = ?peer);
+        let span = tracing::info_span!("xds_client", id, peer = ?peer, caller = caller.as_deref().unwrap_or("(loopback)"));
         tokio::spawn(
             client
                 .run(request.into_inner(), self.snapshots.clone())

@@ -6,7 +6,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use istiod_lite::ca::{CertificateService, IMPERSONATED_IDENTITY, Lifetimes, NodeTokens, Placement};
+use istiod_lite::auth::{Authenticators, NodeTokens};
+use istiod_lite::ca::{CertificateService, IMPERSONATED_IDENTITY, Lifetimes, Placement, PodPlace};
 use mesh_core::identity::{Authority, CertificateRequest, SpiffeId};
 use mesh_core::proto::ca::istio_certificate_service_client::IstioCertificateServiceClient;
 use mesh_core::proto::ca::istio_certificate_service_server::IstioCertificateServiceServer;
@@ -20,6 +21,10 @@ struct Pods(HashSet<(String, SpiffeId)>);
 impl Placement for Pods {
     fn identity_runs_on_node(&self, identity: &SpiffeId, node: &str) -> bool {
         self.0.contains(&(node.to_owned(), identity.clone()))
+    }
+
+    fn pod(&self, _namespace: &str, _name: &str) -> Option<PodPlace> {
+        None
     }
 }
 
@@ -41,7 +46,7 @@ async fn start() -> (IstioCertificateServiceClient<Channel>, Arc<Authority>) {
         default: Duration::from_secs(24 * 3600),
         max: Duration::from_secs(48 * 3600),
     };
-    let service = CertificateService::new(authority.clone(), tokens, pods, "cluster.local", lifetimes);
+    let service = CertificateService::new(authority.clone(), Authenticators::new(vec![Arc::new(tokens)]), pods, "cluster.local", lifetimes);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     tokio::spawn(
@@ -143,7 +148,7 @@ async fn each_bad_request_is_refused_with_its_reason() {
         (
             "someone else's identity",
             request(&csr, Some(&id("demo", "server").to_string()), Some("token-1"), 0),
-            Code::PermissionDenied,
+            Code::Unauthenticated,
             "node node1 runs no pod with service account demo/server",
         ),
         (
@@ -154,13 +159,13 @@ async fn each_bad_request_is_refused_with_its_reason() {
                 Some("token-1"),
                 0,
             ),
-            Code::PermissionDenied,
+            Code::Unauthenticated,
             "outside this mesh's trust domain",
         ),
         (
             "no impersonated identity",
             request(&csr, None, Some("token-1"), 0),
-            Code::PermissionDenied,
+            Code::Unauthenticated,
             IMPERSONATED_IDENTITY,
         ),
         (

@@ -5,7 +5,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use istiod_lite::ca::{CertificateService, Lifetimes, NodeTokens, Placement};
+use istiod_lite::auth::{Authenticators, NodeTokens};
+use istiod_lite::ca::{CertificateService, Lifetimes, Placement, PodPlace};
 use mesh_core::certificates::{CaClient, CertificateSource};
 use mesh_core::identity::{Authority, SpiffeId};
 use mesh_core::proto::ca::istio_certificate_service_server::IstioCertificateServiceServer;
@@ -15,6 +16,10 @@ struct Pods(HashSet<(String, SpiffeId)>);
 impl Placement for Pods {
     fn identity_runs_on_node(&self, identity: &SpiffeId, node: &str) -> bool {
         self.0.contains(&(node.to_owned(), identity.clone()))
+    }
+
+    fn pod(&self, _namespace: &str, _name: &str) -> Option<PodPlace> {
+        None
     }
 }
 
@@ -28,7 +33,7 @@ async fn gets_certificates_for_its_pods_only() {
         ("node-1".to_owned(), mine.clone()),
         ("node-2".to_owned(), elsewhere.clone()),
     ]));
-    let service = CertificateService::new(authority.clone(), tokens, pods, "cluster.local", Lifetimes::default());
+    let service = CertificateService::new(authority.clone(), Authenticators::new(vec![Arc::new(tokens)]), pods, "cluster.local", Lifetimes::default());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     tokio::spawn(
@@ -60,7 +65,7 @@ async fn gets_certificates_for_its_pods_only() {
 
     let error = client.fetch(&elsewhere).await.unwrap_err().to_string();
     assert!(
-        error.contains("PermissionDenied")
+        error.contains("Unauthenticated")
             && error.contains("node node-1 runs no pod with service account demo/server"),
         "{error}"
     );

@@ -1,9 +1,13 @@
 //! The Kubernetes API as a source: a kube-rs reflector per kind feeds the same store as the file
-//! source. A kind whose CRD is not installed is retried with backoff and does not hold up the rest.
+//! source. Nothing reaches the store until every kind has listed once, so the first publication
+//! is the whole cluster, never a part of it. A kind whose CRD is not installed (404) counts as an
+//! empty list, is reported once and retried with backoff, and does not hold up the rest; a kind
+//! the API refuses (403) holds readiness until RBAC allows it, with one line naming the grant.
 
+use std::collections::BTreeSet;
 use std::fmt::Debug;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -12,9 +16,9 @@ use kube::runtime::reflector::{self, Store as Reader};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinSet;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::objects::{
     AuthorizationPolicy, Gateway, HTTPRoute, Namespace, Object, PeerAuthentication, Pod, Service, ServiceEntry,
@@ -79,10 +83,12 @@ impl Readers {
     }
 }
 
-/// Watches every kind istiod-lite reads and keeps `store` in step, until dropped.
-pub async fn run(client: Client, store: Arc<Store>) {
+/// Watches every kind istiod-lite reads and keeps `store` in step, until dropped; `synced` fires
+/// once every kind has listed and the store holds them.
+pub async fn run(client: Client, store: Arc<Store>, synced: oneshot::Sender<()>) {
     let mut watches = Watches {
         changed: Arc::new(Notify::new()),
+        pending: Arc::default(),
         tasks: JoinSet::new(),
     };
     let readers = Readers {
@@ -96,17 +102,52 @@ pub async fn run(client: Client, store: Arc<Store>) {
         gateways: watches.reflect("Gateway", Api::all(client.clone())),
         http_routes: watches.reflect("HTTPRoute", Api::all(client)),
     };
+    let mut synced = Some(synced);
     loop {
         watches.changed.notified().await;
         tokio::time::sleep(SETTLE).await;
+        let pending = watches.pending.lock().expect("not poisoned").clone();
+        if !pending.is_empty() {
+            info!(waiting_for = ?pending, "waiting for the initial lists");
+            continue;
+        }
         store.replace(SOURCE, readers.objects());
+        if let Some(synced) = synced.take() {
+            info!("every kind listed: the Kubernetes configuration is complete");
+            let _ = synced.send(());
+        }
     }
 }
 
-/// The watch tasks (stopped when dropped) and the signal that one of them saw a change.
+/// The watch tasks (stopped when dropped), the signal that one of them saw a change, and the
+/// kinds that have not listed yet.
 struct Watches {
     changed: Arc<Notify>,
+    pending: Arc<Mutex<BTreeSet<&'static str>>>,
     tasks: JoinSet<()>,
+}
+
+/// Why a watch failed, as far as the operator must act on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Failure {
+    NotServed,
+    Forbidden,
+    Other,
+}
+
+fn classify(error: &watcher::Error) -> (Failure, String) {
+    let api = match error {
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status))
+        | watcher::Error::WatchFailed(kube::Error::Api(status)) => Some(status),
+        watcher::Error::WatchError(status) => Some(status),
+        _ => None,
+    };
+    match api {
+        Some(status) if status.is_not_found() => (Failure::NotServed, status.message.clone()),
+        Some(status) if status.is_forbidden() => (Failure::Forbidden, status.message.clone()),
+        _ => (Failure::Other, error.to_string()),
+    }
 }
 
 impl Watches {
@@ -115,24 +156,46 @@ impl Watches {
         K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
     {
         let (reader, writer) = reflector::store();
+        let plural = K::plural(&()).into_owned();
+        let group = K::group(&()).into_owned();
         let events = reflector::reflector(writer, watcher(api, watcher::Config::default()).default_backoff());
+        let (changed, pending) = (self.changed.clone(), self.pending.clone());
+        pending.lock().expect("not poisoned").insert(kind);
+        let listed = move || {
+            pending.lock().expect("not poisoned").remove(kind);
+            changed.notify_one();
+        };
         let changed = self.changed.clone();
         self.tasks.spawn(async move {
             let mut events = std::pin::pin!(events);
-            let mut failing = false;
+            let mut failing = None;
             while let Some(event) = events.next().await {
                 match event {
                     Ok(watcher::Event::InitDone) => {
                         info!(kind, "initial list synced");
-                        failing = false;
-                        changed.notify_one();
+                        failing = None;
+                        listed();
                     }
                     Ok(_) => changed.notify_one(),
-                    Err(error) if !failing => {
-                        failing = true;
-                        warn!(kind, %error, "watch failed; retrying with backoff (is its CRD installed?)");
+                    Err(error) => {
+                        let (failure, message) = classify(&error);
+                        if failing == Some(failure) {
+                            continue;
+                        }
+                        failing = Some(failure);
+                        let resource = if group.is_empty() { plural.clone() } else { format!("{plural}.{group}") };
+                        match failure {
+                            Failure::NotServed => {
+                                warn!(kind, "the API does not serve {resource} (is its CRD installed?); treating it as empty and retrying");
+                                listed();
+                            }
+                            Failure::Forbidden => error!(
+                                kind,
+                                "the API forbids reading {resource}: {message}; grant istiod-lite get, list and watch on {resource}"
+                            ),
+                            Failure::Other => warn!(kind, "watching {resource} failed: {message}; retrying with backoff"),
+                        }
                     }
-                    Err(_) => {}
                 }
             }
         });

@@ -1,10 +1,12 @@
-//! Node tokens: who is calling the CA. In the lab each node has a token file; the caller sends it
-//! as `authorization: Bearer <token>`, as Istio's agents send their Kubernetes tokens.
+//! Node tokens, the lab's authenticator: each node has a token file; its ztunnel sends it as
+//! `authorization: Bearer <token>`, as Istio's agents send their Kubernetes tokens.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use aws_lc_rs::constant_time::verify_slices_are_equal;
+
+use super::{Authenticator, Caller, Refusal};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokensError {
@@ -67,5 +69,14 @@ impl NodeTokens {
             }
         }
         found
+    }
+}
+
+#[tonic::async_trait]
+impl Authenticator for NodeTokens {
+    async fn authenticate(&self, token: &str) -> Result<Caller, Refusal> {
+        self.node_of(token)
+            .map(|node| Caller::Node(node.to_owned()))
+            .ok_or_else(|| Refusal::Unknown("the bearer token is not a known node token".to_owned()))
     }
 }

@@ -1,0 +1,158 @@
+//! The waypoint deployment controller: for every Gateway of class `istio-waypoint` it keeps a
+//! ServiceAccount, a Deployment and a Service named after the Gateway in its namespace, and reports
+//! on the Gateway (and the GatewayClass) what it did, as Istio's gateway deployment controller does.
+//!
+//! The pure part decides: [`render`] turns a Gateway (and the ConfigMap its
+//! `spec.infrastructure.parametersRef` names, see [`overlay`]) into the desired objects, [`status`]
+//! turns a Gateway and what was observed into its status. [`reconcile`] and [`class`] do the I/O,
+//! with server-side apply under one field manager, so the fields we set are ours and everything else
+//! (replicas set by `kubectl scale` or an HPA, annotations other controllers add) is left alone.
+//!
+//! Only the leader writes: [`run`] drops the whole controller the moment `leading` turns false, and
+//! every write checks the flag again just before it is sent.
+
+pub mod class;
+pub mod overlay;
+pub mod reconcile;
+pub mod render;
+pub mod status;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+/// On every object we create: says who manages it, and that we may overwrite it. Objects of the
+/// Gateway's name without it are never taken over (Istio's `gateway.istio.io/managed`).
+pub const MANAGED_LABEL: &str = "gateway.istio.io/managed";
+/// The value Istio writes for waypoints: the controller name with `/` replaced by `-`.
+pub const MANAGED_VALUE: &str = "istio.io-mesh-controller";
+/// The controller of the `istio-waypoint` GatewayClass, as Istio names it.
+pub const CONTROLLER_NAME: &str = "istio.io/mesh-controller";
+/// The Gateway's class, on every object we create (Istio sets it too).
+pub const GATEWAY_CLASS_LABEL: &str = "gateway.networking.k8s.io/gateway-class-name";
+
+/// What the deployed waypoints need to know about the mesh.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// The waypoint container image.
+    pub waypoint_image: String,
+    /// Where waypoints find istiod-lite's xDS and CA over TLS, e.g.
+    /// `https://istiod-lite.istio-system.svc:15012` (the waypoint's `XDS_ADDRESS`).
+    pub xds_address: String,
+    /// The cluster's DNS suffix: the Gateway's hostname address is `<name>.<ns>.svc.<suffix>`.
+    pub domain_suffix: String,
+    /// The mesh's trust domain (the waypoint's `TRUST_DOMAIN`, part of its SPIFFE identity).
+    pub trust_domain: String,
+    /// The server-side apply field manager of every write (default `istiod-lite`).
+    pub field_manager: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            waypoint_image: "waypoint:latest".into(),
+            xds_address: "https://istiod-lite.istio-system.svc:15012".into(),
+            domain_suffix: "cluster.local".into(),
+            trust_domain: "cluster.local".into(),
+            field_manager: "istiod-lite".into(),
+        }
+    }
+}
+
+/// What can go wrong while deploying a waypoint.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A request to the API failed; retried with backoff.
+    #[error("{action} {kind} {namespace}/{name}: {source}")]
+    Api {
+        action: &'static str,
+        kind: &'static str,
+        namespace: String,
+        name: String,
+        #[source]
+        source: Box<kube::Error>,
+    },
+    /// The Gateway's parameters are unusable; reported as `Accepted=False` (`InvalidParameters`)
+    /// and retried only when the Gateway or its ConfigMap changes.
+    #[error("{0}")]
+    InvalidParameters(String),
+    /// A desired object could not be encoded (a bug, not a cluster state).
+    #[error("encode {kind} {namespace}/{name}: {source}")]
+    Encode {
+        kind: &'static str,
+        namespace: String,
+        name: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Leadership was lost between deciding and writing; nothing was written.
+    #[error("not the leader any more: not writing {kind} {namespace}/{name}")]
+    NotLeading {
+        kind: &'static str,
+        namespace: String,
+        name: String,
+    },
+}
+
+impl Error {
+    /// Whether trying again later may succeed without the user changing anything.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Api { .. })
+    }
+}
+
+/// Runs while `leading` is true; stops writing at once when it turns false, and resumes when it
+/// turns true again. Returns when the sender of `leading` is dropped (shutdown).
+pub async fn run(client: kube::Client, settings: Settings, mut leading: watch::Receiver<bool>) {
+    loop {
+        if leading.wait_for(|leading| *leading).await.is_err() {
+            return;
+        }
+        info!("leading: deploying waypoints");
+        let mut lost = leading.clone();
+        tokio::select! {
+            _ = work(client.clone(), settings.clone(), leading.clone()) => {
+                // The watches retry forever, so this is not expected; start over after a pause.
+                warn!("waypoint deployment controller stopped; restarting");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            changed = lost.wait_for(|leading| !*leading) => {
+                if changed.is_err() {
+                    return;
+                }
+                info!("not leading any more: stopped deploying waypoints");
+            }
+        }
+    }
+}
+
+/// One term of leadership: the GatewayClass loop and the Gateway controller, sharing the classes.
+async fn work(client: kube::Client, settings: Settings, leading: watch::Receiver<bool>) {
+    let (classes, writer) = kube::runtime::reflector::store();
+    let (class_changed, class_changes) = mpsc::channel(1);
+    let context = Arc::new(reconcile::Context::new(
+        client.clone(),
+        settings.clone(),
+        leading.clone(),
+        classes,
+    ));
+    tokio::join!(
+        class::run(client, settings, leading, writer, class_changed),
+        reconcile::run(context, class_changes),
+    );
+}
+
+/// Fails with [`Error::NotLeading`] unless we still lead: checked right before each write.
+fn still_leading(leading: &watch::Receiver<bool>, kind: &'static str, namespace: &str, name: &str) -> Result<(), Error> {
+    if *leading.borrow() {
+        Ok(())
+    } else {
+        Err(Error::NotLeading {
+            kind,
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        })
+    }
+}
