@@ -20,7 +20,6 @@ use std::sync::Arc;
 use mesh_core::admin::{Readiness, Routes};
 use mesh_core::lifecycle::{Lifecycle, Signals};
 use mesh_core::telemetry::LogHandle;
-use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use tracing::{info, warn};
 
@@ -33,12 +32,7 @@ pub async fn run(config: Arc<Config>, signals: Signals, log: LogHandle) -> anyho
     let readiness = Readiness::new();
     let mut lifecycle = Lifecycle::new();
     let xds_metrics = Arc::new(xds::Metrics::new(&mut registry));
-    let config_errors = Counter::default();
-    registry.register(
-        "istiod_config_errors",
-        "Configuration documents rejected",
-        config_errors.clone(),
-    );
+    let files_metrics = source::files::Metrics::new(&mut registry);
 
     let kube = match config.kubernetes {
         true => Some(
@@ -74,7 +68,7 @@ pub async fn run(config: Arc<Config>, signals: Signals, log: LogHandle) -> anyho
     let store = Arc::new(store::Store::new());
     let publisher = Arc::new(xds::Publisher::new());
     if let Some(dir) = &config.config_dir {
-        let watching = source::files::load(dir, store.clone(), config_errors.clone())
+        let watching = source::files::load(dir, store.clone(), files_metrics)
             .map_err(|e| anyhow::anyhow!("--config-dir {}: {e}", dir.display()))?;
         lifecycle.spawn(watching.run());
     }

@@ -140,3 +140,30 @@ async fn exits_cleanly_on_sigterm_and_refuses_bad_flags() {
     let error = String::from_utf8(output.stderr).unwrap();
     assert!(error.contains("--config-dir"), "{error}");
 }
+
+fn scans(istiod: &Istiod) -> u64 {
+    let (_, metrics) = http_get(istiod.servers["metrics"], "/metrics");
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("istiod_config_scans_total "))
+        .unwrap_or_else(|| panic!("no scan counter in {metrics}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+/// The watcher once reacted to its own opens and reads and rescanned ~10 times a second forever.
+#[test]
+fn an_idle_directory_is_not_read_again() {
+    let scratch = Scratch::new("idle");
+    write_config(&scratch.path("config"), &[pod("a", "10.0.1.1", "v1")]);
+    let istiod = start(&scratch);
+    let before = scans(&istiod);
+    std::thread::sleep(Duration::from_secs(10));
+    assert_eq!(scans(&istiod), before, "the directory was read while nothing changed");
+
+    write_config(&scratch.path("config"), &[pod("a", "10.0.1.1", "v2")]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while scans(&istiod) == before {
+        assert!(Instant::now() < deadline, "a real change was not read");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

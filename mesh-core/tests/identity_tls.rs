@@ -165,3 +165,34 @@ fn authority_round_trips_through_its_pem_files() {
     let pem = WorkloadCertificate::from_pem("not pem", "", &ca.pem().root_cert).unwrap_err();
     assert!(pem.to_string().contains("certificate chain"), "{pem}");
 }
+
+/// A CSR made by openssl (a real client) with the given key and digest.
+fn openssl_csr(key_options: &[&str], digest: &str) -> String {
+    let output = std::process::Command::new("openssl")
+        .args(["req", "-new", "-nodes", "-subj", "/O=test", "-keyout", "/dev/null"])
+        .args(key_options)
+        .arg(digest)
+        .output()
+        .expect("openssl (Debian package openssl) runs");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout).unwrap()
+}
+
+#[test]
+fn csrs_with_other_keys_or_digests_are_refused_by_name() {
+    let ca = Authority::self_signed("cluster.local").unwrap();
+    let p256 = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"];
+    let p384 = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-384"];
+    let rsa = ["-newkey", "rsa:2048"];
+    ca.sign_csr(&openssl_csr(&p256, "-sha256"), &id("ok"), HOUR)
+        .expect("P-256 with SHA-256 is what the mesh issues");
+    for (key, digest, expected) in [
+        (&p384[..], "-sha256", "the key is an EC P-384 (secp384r1) key"),
+        (&p256[..], "-sha384", "the key is P-256 but the request is signed with ecdsa-with-SHA384"),
+        (&rsa[..], "-sha256", "the key is not an EC key"),
+    ] {
+        let error = ca.sign_csr(&openssl_csr(key, digest), &id("x"), HOUR).unwrap_err().to_string();
+        assert!(error.contains(expected), "{key:?} {digest}: {error}");
+        assert!(error.contains("only ECDSA P-256 keys signed with ecdsa-with-SHA256"), "{error}");
+    }
+}

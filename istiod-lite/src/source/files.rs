@@ -7,8 +7,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
 use notify::{RecursiveMode, Watcher};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -147,21 +149,52 @@ fn parse_file(
     objects
 }
 
+/// What the directory source counts.
+#[derive(Clone, Debug, Default)]
+pub struct Metrics {
+    /// Documents rejected.
+    pub errors: Counter,
+    /// Times the directory was read.
+    pub scans: Counter,
+}
+
+impl Metrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let metrics = Self::default();
+        registry.register("istiod_config_errors", "Configuration documents rejected", metrics.errors.clone());
+        registry.register("istiod_config_scans", "Times the configuration directory was read", metrics.scans.clone());
+        metrics
+    }
+}
+
+/// Whether an event can change what the directory holds. Opens, reads and attribute changes
+/// cannot; reacting to them made every scan (which opens and reads) trigger the next one.
+fn changes_content(event: &notify::Event) -> bool {
+    match event.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) | EventKind::Modify(ModifyKind::Metadata(_)) => false,
+        EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) | EventKind::Any | EventKind::Other => true,
+    }
+}
+
 /// A loaded directory that keeps the store in sync with it while [`Watching::run`] runs.
 #[derive(Debug)]
 pub struct Watching {
     directory: Directory,
     store: Arc<Store>,
-    config_errors: Counter,
+    metrics: Metrics,
     changes: mpsc::UnboundedReceiver<notify::Result<notify::Event>>,
     _watcher: notify::RecommendedWatcher,
 }
 
 /// Loads `dir` into `store` and starts watching it. Fails only when the directory itself cannot
 /// be watched or read; bad documents are reported and skipped.
-pub fn load(dir: &Path, store: Arc<Store>, config_errors: Counter) -> Result<Watching, std::io::Error> {
+pub fn load(dir: &Path, store: Arc<Store>, metrics: Metrics) -> Result<Watching, std::io::Error> {
     let (events, changes) = mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.as_ref().is_ok_and(|e| !changes_content(e)) {
+            return;
+        }
         let _ = events.send(event);
     })
     .map_err(std::io::Error::other)?;
@@ -169,12 +202,12 @@ pub fn load(dir: &Path, store: Arc<Store>, config_errors: Counter) -> Result<Wat
         .watch(dir, RecursiveMode::NonRecursive)
         .map_err(std::io::Error::other)?;
     let mut directory = Directory::new(dir);
-    apply(&mut directory, &store, &config_errors)?;
+    apply(&mut directory, &store, &metrics)?;
     info!(dir = %dir.display(), files = directory.file_count(), objects = store.current().len(), "configuration loaded");
     Ok(Watching {
         directory,
         store,
-        config_errors,
+        metrics,
         changes,
         _watcher: watcher,
     })
@@ -190,17 +223,18 @@ impl Watching {
             // Editors write in several steps: let them finish, then apply everything at once.
             tokio::time::sleep(SETTLE).await;
             while self.changes.try_recv().is_ok() {}
-            if let Err(error) = apply(&mut self.directory, &self.store, &self.config_errors) {
+            if let Err(error) = apply(&mut self.directory, &self.store, &self.metrics) {
                 warn!(dir = %self.directory.dir.display(), %error, "cannot read the configuration directory; keeping the last state");
             }
         }
     }
 }
 
-fn apply(directory: &mut Directory, store: &Store, config_errors: &Counter) -> Result<(), std::io::Error> {
+fn apply(directory: &mut Directory, store: &Store, metrics: &Metrics) -> Result<(), std::io::Error> {
+    metrics.scans.inc();
     let problems = directory.scan()?;
     for problem in &problems {
-        config_errors.inc();
+        metrics.errors.inc();
         warn!(error = %problem, "configuration document skipped");
     }
     store.replace(SOURCE, directory.objects());

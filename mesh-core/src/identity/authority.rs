@@ -25,7 +25,7 @@ pub enum AuthorityError {
     Certificates(#[from] CertificateError),
     #[error("certificate signing request is malformed or its signature is invalid: {0}")]
     InvalidCsr(rcgen::Error),
-    #[error("certificate signing request uses {0:?}; only ECDSA P-256 is accepted")]
+    #[error("certificate signing request: {0}; only ECDSA P-256 keys signed with ecdsa-with-SHA256 are accepted")]
     CsrAlgorithm(String),
     #[error("could not sign the certificate for {identity}: {source}")]
     Sign { identity: String, source: rcgen::Error },
@@ -122,12 +122,9 @@ impl Authority {
         validity: Duration,
     ) -> Result<Vec<String>, AuthorityError> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(AuthorityError::InvalidCsr)?;
-        if csr.public_key.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256 {
-            return Err(AuthorityError::CsrAlgorithm(format!(
-                "{:?}",
-                csr.public_key.algorithm()
-            )));
-        }
+        // rcgen names the key after the CSR's signature algorithm, so a P-384 key signed with
+        // SHA-256 would pass as P-256: the key and the signature are checked on their own.
+        check_csr_algorithms(csr_pem)?;
         let now = SystemTime::now();
         let params = workload_params(identity, now - BACKDATE, now + validity)?;
         let cert = params
@@ -213,4 +210,49 @@ fn workload_params(
 
 fn rustls_pem(der: &CertificateDer<'_>) -> String {
     pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()))
+}
+
+/// The CSR's key must be an EC key on P-256 and its signature ecdsa-with-SHA256, what the mesh
+/// issues; anything else is named in the refusal.
+fn check_csr_algorithms(csr_pem: &str) -> Result<(), AuthorityError> {
+    use x509_parser::oid_registry::{
+        OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_NIST_EC_P521, OID_SIG_ECDSA_WITH_SHA256,
+        OID_SIG_ECDSA_WITH_SHA384, OID_SIG_ECDSA_WITH_SHA512,
+    };
+    use x509_parser::prelude::FromDer;
+    let unreadable = |e: String| AuthorityError::CsrAlgorithm(format!("cannot be read ({e})"));
+    let der = pem::parse(csr_pem).map_err(|e| unreadable(e.to_string()))?;
+    let (_, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(der.contents())
+        .map_err(|e| unreadable(e.to_string()))?;
+    let key = &csr.certification_request_info.subject_pki.algorithm;
+    if key.algorithm != OID_KEY_TYPE_EC_PUBLIC_KEY {
+        return Err(AuthorityError::CsrAlgorithm(format!("the key is not an EC key (algorithm {})", key.algorithm)));
+    }
+    let curve = key.parameters.as_ref().and_then(|p| p.as_oid().ok());
+    match curve {
+        Some(oid) if oid == OID_EC_P256 => {}
+        Some(oid) => {
+            let name = if oid == OID_NIST_EC_P384 {
+                "P-384 (secp384r1)".to_owned()
+            } else if oid == OID_NIST_EC_P521 {
+                "P-521 (secp521r1)".to_owned()
+            } else {
+                format!("curve {oid}")
+            };
+            return Err(AuthorityError::CsrAlgorithm(format!("the key is an EC {name} key")));
+        }
+        None => return Err(AuthorityError::CsrAlgorithm("the EC key names no curve".to_owned())),
+    }
+    let signature = &csr.signature_algorithm.algorithm;
+    if *signature != OID_SIG_ECDSA_WITH_SHA256 {
+        let name = if *signature == OID_SIG_ECDSA_WITH_SHA384 {
+            "ecdsa-with-SHA384".to_owned()
+        } else if *signature == OID_SIG_ECDSA_WITH_SHA512 {
+            "ecdsa-with-SHA512".to_owned()
+        } else {
+            signature.to_string()
+        };
+        return Err(AuthorityError::CsrAlgorithm(format!("the key is P-256 but the request is signed with {name}")));
+    }
+    Ok(())
 }
