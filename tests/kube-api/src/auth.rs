@@ -120,12 +120,18 @@ impl Auth {
         )]);
         let mut claims = json!({"serviceaccount": {"name": sa_name, "uid": sa_uid}, "namespace": namespace});
         if let Some((name, uid)) = pod {
-            extra.insert("authentication.kubernetes.io/pod-name".to_owned(), vec![name.to_owned()]);
+            extra.insert(
+                "authentication.kubernetes.io/pod-name".to_owned(),
+                vec![name.to_owned()],
+            );
             extra.insert("authentication.kubernetes.io/pod-uid".to_owned(), vec![uid.to_owned()]);
             claims["pod"] = json!({"name": name, "uid": uid});
         }
         if let Some((name, uid)) = node {
-            extra.insert("authentication.kubernetes.io/node-name".to_owned(), vec![name.to_owned()]);
+            extra.insert(
+                "authentication.kubernetes.io/node-name".to_owned(),
+                vec![name.to_owned()],
+            );
             extra.insert("authentication.kubernetes.io/node-uid".to_owned(), vec![uid.to_owned()]);
             claims["node"] = json!({"name": name, "uid": uid});
         }
@@ -179,12 +185,13 @@ impl Auth {
     }
 
     /// Authenticates `token` for `audiences` (the API server's when empty), returning the user and
-    /// the audiences both sides share, or why not. `pod_uid` finds a bound pod's current uid.
+    /// the audiences both sides share, or why not. `pod_exists` says whether a bound pod is still
+    /// there with its uid.
     pub fn review(
         &self,
         token: &str,
         audiences: &[String],
-        pod_uid: impl Fn(BoundPod<'_>) -> bool,
+        pod_exists: impl Fn(BoundPod<'_>) -> bool,
     ) -> Result<(User, Vec<String>), String> {
         let entry = self.tokens.get(token).ok_or("invalid bearer token: unknown token")?;
         if entry.expired {
@@ -207,7 +214,7 @@ impl Auth {
             ));
         }
         if let Some((namespace, name, uid)) = &entry.pod
-            && !pod_uid((namespace, name, uid))
+            && !pod_exists((namespace, name, uid))
         {
             return Err(format!(
                 "invalid bearer token: pod \"{name}\" (uid {uid}) in namespace \"{namespace}\" no longer exists"
@@ -217,13 +224,13 @@ impl Auth {
     }
 
     /// The TokenReview the server answers for a TokenReview request body.
-    pub fn token_review(&self, request: &Value, pod_uid: impl Fn(BoundPod<'_>) -> bool) -> Value {
+    pub fn token_review(&self, request: &Value, pod_exists: impl Fn(BoundPod<'_>) -> bool) -> Value {
         let token = request["spec"]["token"].as_str().unwrap_or_default();
         let audiences: Vec<String> = request["spec"]["audiences"]
             .as_array()
             .map(|a| a.iter().filter_map(|a| a.as_str().map(str::to_owned)).collect())
             .unwrap_or_default();
-        let status = match self.review(token, &audiences, pod_uid) {
+        let status = match self.review(token, &audiences, pod_exists) {
             Ok((user, shared)) => json!({"authenticated": true, "user": user.to_json(), "audiences": shared}),
             Err(error) => json!({"authenticated": false, "user": {}, "error": error}),
         };
@@ -259,7 +266,11 @@ impl Auth {
             "User \"{}\" cannot {} resource \"{resource}\" in API group \"{}\" {scope}",
             user.username, call.verb, call.group
         );
-        Err(status::forbidden(kind, call.name.as_deref().unwrap_or_default(), &reason))
+        Err(status::forbidden(
+            kind,
+            call.name.as_deref().unwrap_or_default(),
+            &reason,
+        ))
     }
 }
 
@@ -268,7 +279,10 @@ fn base64url(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {
-        let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
         for i in 0..=chunk.len() {
             out.push(char::from(ALPHABET[(n >> (18 - 6 * i) & 63) as usize]));
         }

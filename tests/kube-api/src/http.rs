@@ -22,7 +22,7 @@ use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::auth::{ApiCall, BoundPod, User};
-use crate::resources::{self, Path, Target};
+use crate::resources::{self, Kind, Path, Target};
 use crate::rest::{self, Reply};
 use crate::status::{self, Status};
 use crate::store::{State, Store};
@@ -74,7 +74,13 @@ pub type Query = HashMap<String, String>;
 async fn handle(store: Arc<Store>, request: Request<Incoming>) -> Response<Body> {
     let (parts, body) = request.into_parts();
     let query = parse_query(parts.uri.query().unwrap_or_default());
-    let header = |name| parts.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let header = |name| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+    };
     let (bearer, content_type, accept) = (
         header(header::AUTHORIZATION).to_owned(),
         header(header::CONTENT_TYPE).to_owned(),
@@ -89,35 +95,17 @@ async fn handle(store: Arc<Store>, request: Request<Incoming>) -> Response<Body>
     let user = authenticate(&state, &bearer);
     let target = match path {
         Some(Path::Discovery(what)) => return json_response(200, &discovery(what)),
+        Some(Path::TokenReviews) => return review_token(&mut state, user, &parts.method, &body),
+        Some(Path::Resource(target)) => target,
         None if user.is_none() => return failure(&status::unauthorized()),
         None => return failure(&status::no_such_path()),
-        Some(Path::TokenReviews) => {
-            let call = call(&user, "create", resources::token_reviews(), None);
-            state.calls.push(call.clone());
-            let Some(user) = user else { return failure(&status::unauthorized()) };
-            if parts.method != Method::POST {
-                return failure(&status::method_not_allowed());
-            }
-            if let Err(refused) = state.auth.authorize(&user, &call, resources::token_reviews()) {
-                return failure(&refused);
-            }
-            return match serde_json::from_slice::<Value>(&body) {
-                Ok(review) => json_response(201, &token_review(&state, &review)),
-                Err(error) => failure(&status::bad_request(format!("decoding the TokenReview: {error}"))),
-            };
-        }
-        Some(Path::Resource(target)) => target,
     };
     let Some(verb) = verb(&parts.method, &target, &query) else {
         return failure(&status::method_not_allowed());
     };
     let call = call(&user, verb, target.kind, Some(&target));
-    state.calls.push(call.clone());
-    let Some(user) = user else { return failure(&status::unauthorized()) };
-    if !state.installed(target.kind) {
-        return failure(&status::no_such_path());
-    }
-    if let Err(refused) = state.auth.authorize(&user, &call, target.kind) {
+    let installed = state.installed(target.kind);
+    if let Err(refused) = admit(&mut state, user, call, target.kind, installed) {
         return failure(&refused);
     }
     let request = rest::Request {
@@ -133,12 +121,40 @@ async fn handle(store: Arc<Store>, request: Request<Incoming>) -> Response<Body>
             drop(state);
             let body = WatchBody::new(store.clone(), subscription, timeout, request.metadata_only);
             let mut response = Response::new(body.boxed_unsync());
-            response
-                .headers_mut()
-                .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
             response
         }
         Err(refused) => failure(&refused),
+    }
+}
+
+/// Records the call, then lets it through if its user is authenticated, its resource served and
+/// the verb allowed, in the API server's order (401, 404, 403).
+fn admit(state: &mut State, user: Option<User>, call: ApiCall, kind: &Kind, served: bool) -> Result<(), Status> {
+    state.calls.push(call.clone());
+    let user = user.ok_or_else(status::unauthorized)?;
+    if !served {
+        return Err(status::no_such_path());
+    }
+    state.auth.authorize(&user, &call, kind)
+}
+
+/// `POST .../tokenreviews`: answered from the token table, never stored.
+fn review_token(state: &mut State, user: Option<User>, method: &Method, body: &[u8]) -> Response<Body> {
+    let kind = resources::token_reviews();
+    let call = call(&user, "create", kind, None);
+    if let Err(refused) = admit(state, user, call, kind, true) {
+        return failure(&refused);
+    }
+    if *method != Method::POST {
+        return failure(&status::method_not_allowed());
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(review) => json_response(201, &token_review(state, &review)),
+        Err(error) => failure(&status::bad_request(format!("decoding the TokenReview: {error}"))),
     }
 }
 
@@ -150,7 +166,9 @@ fn authenticate(state: &State, bearer: &str) -> Option<User> {
 }
 
 fn token_review(state: &State, review: &Value) -> Value {
-    state.auth.token_review(review, |bound: BoundPod<'_>| state.pod_exists(bound))
+    state
+        .auth
+        .token_review(review, |bound: BoundPod<'_>| state.pod_exists(bound))
 }
 
 /// The RBAC verb of a request, as the API server derives it.
@@ -170,7 +188,7 @@ fn verb(method: &Method, target: &Target, query: &Query) -> Option<&'static str>
     })
 }
 
-fn call(user: &Option<User>, verb: &str, kind: &resources::Kind, target: Option<&Target>) -> ApiCall {
+fn call(user: &Option<User>, verb: &str, kind: &Kind, target: Option<&Target>) -> ApiCall {
     ApiCall {
         user: user
             .as_ref()
@@ -213,9 +231,10 @@ fn json_response(code: u16, body: &Value) -> Response<Body> {
     let bytes = serde_json::to_vec(body).expect("JSON values serialize");
     let mut response = Response::new(Full::new(Bytes::from(bytes)).boxed_unsync());
     *response.status_mut() = hyper::StatusCode::from_u16(code).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
     response
 }
 

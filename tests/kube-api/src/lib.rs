@@ -33,9 +33,9 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-pub use auth::{API_AUDIENCE, ADMIN_TOKEN, ApiCall};
+pub use auth::{ADMIN_TOKEN, API_AUDIENCE, ApiCall};
 use resources::Kind;
-use store::{Store, Write};
+use store::{Origin, Store, Write};
 
 /// A running (or stopped) API server double and its objects.
 #[derive(Debug)]
@@ -106,7 +106,8 @@ impl ApiServer {
     }
 
     /// Creates or replaces `object` as the admin would (uid and creationTimestamp kept on
-    /// replace, status replaced too), without RBAC and without requiring its Namespace.
+    /// replace, status replaced too), without RBAC and without requiring its Namespace. A uid or
+    /// creationTimestamp the object brings is kept on create, so a test can name its pods' uids.
     /// Panics when the kind is unknown or not installed, or the object has no name.
     pub fn apply(&self, mut object: Value) -> Value {
         let kind = kind_of(&object);
@@ -120,7 +121,7 @@ impl ApiServer {
         let written = if state.get(kind, namespace.as_deref(), &name).is_some() {
             state.update(kind, namespace.as_deref(), &name, object, Write::Admin)
         } else {
-            state.create(kind, namespace.as_deref(), object, false)
+            state.create(kind, namespace.as_deref(), object, Origin::Admin)
         };
         written.unwrap_or_else(|refused| panic!("applying {}: {}", kind.kind, refused.body["message"]))
     }
@@ -158,7 +159,10 @@ impl ApiServer {
         let kind = lookup(api_version, kind);
         let object = json!({"status": status});
         if let Err(refused) = self.store.lock().update(kind, namespace, name, object, Write::Status) {
-            panic!("setting the status of {} {name}: {}", kind.kind, refused.body["message"]);
+            panic!(
+                "setting the status of {} {name}: {}",
+                kind.kind, refused.body["message"]
+            );
         }
     }
 

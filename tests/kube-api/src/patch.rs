@@ -166,9 +166,8 @@ pub fn managed(object: &mut Value, manager: &str, operation: &str, subresource: 
         *entries = Value::Array(Vec::new());
     }
     let entries = entries.as_array_mut().expect("made an array above");
-    let same = |e: &Value| {
-        e["manager"] == manager && e["operation"] == operation && e["subresource"].as_str() == subresource
-    };
+    let same =
+        |e: &Value| e["manager"] == manager && e["operation"] == operation && e["subresource"].as_str() == subresource;
     if entries.iter().any(same) {
         return;
     }
@@ -222,9 +221,15 @@ mod tests {
             {"op": "test", "path": "/items/0", "value": 1},
         ]);
         let patched = json_patch(&doc, &ops).unwrap();
-        assert_eq!(patched, json!({"metadata": {"labels": {"a": "9", "b/c": "2"}}, "items": [1, 2]}));
+        assert_eq!(
+            patched,
+            json!({"metadata": {"labels": {"a": "9", "b/c": "2"}}, "items": [1, 2]})
+        );
         let failing = json!([{"op": "test", "path": "/items/0", "value": 7}]);
-        assert_eq!(json_patch(&doc, &failing).unwrap_err(), "test operation failed at /items/0");
+        assert_eq!(
+            json_patch(&doc, &failing).unwrap_err(),
+            "test operation failed at /items/0"
+        );
     }
 
     #[test]
@@ -234,7 +239,10 @@ mod tests {
         let applied = json!({"metadata": {"name": "g", "labels": {"new": "y"}}, "spec": {"a": 3},
                              "status": {"ready": false}});
         let result = apply(&existing, &applied, false);
-        assert_eq!(result["metadata"], json!({"name": "g", "uid": "u", "labels": {"new": "y"}}));
+        assert_eq!(
+            result["metadata"],
+            json!({"name": "g", "uid": "u", "labels": {"new": "y"}})
+        );
         assert_eq!(result["spec"], json!({"a": 3}));
         assert_eq!(result["status"], json!({"ready": true}));
         assert_eq!(apply(&existing, &applied, true)["status"], json!({"ready": false}));

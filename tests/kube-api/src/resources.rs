@@ -71,21 +71,101 @@ pub static KINDS: &[Kind] = &[
     kind("", "v1", "serviceaccounts", "ServiceAccount", true, false, false),
     kind("", "v1", "events", "Event", true, false, false),
     kind("events.k8s.io", "v1", "events", "Event", true, false, false),
-    kind("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice", true, false, false),
+    kind(
+        "discovery.k8s.io",
+        "v1",
+        "endpointslices",
+        "EndpointSlice",
+        true,
+        false,
+        false,
+    ),
     kind("apps", "v1", "deployments", "Deployment", true, true, false),
     kind("coordination.k8s.io", "v1", "leases", "Lease", true, false, false),
-    kind("networking.istio.io", "v1", "serviceentries", "ServiceEntry", true, true, true),
-    kind("networking.istio.io", "v1", "workloadentries", "WorkloadEntry", true, true, true),
-    kind("security.istio.io", "v1", "authorizationpolicies", "AuthorizationPolicy", true, true, true),
-    kind("security.istio.io", "v1", "peerauthentications", "PeerAuthentication", true, true, true),
-    kind("gateway.networking.k8s.io", "v1", "gateways", "Gateway", true, true, true),
-    kind("gateway.networking.k8s.io", "v1", "gatewayclasses", "GatewayClass", false, true, true),
-    kind("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute", true, true, true),
-    kind("gateway.networking.k8s.io", "v1beta1", "referencegrants", "ReferenceGrant", true, false, true),
+    kind(
+        "networking.istio.io",
+        "v1",
+        "serviceentries",
+        "ServiceEntry",
+        true,
+        true,
+        true,
+    ),
+    kind(
+        "networking.istio.io",
+        "v1",
+        "workloadentries",
+        "WorkloadEntry",
+        true,
+        true,
+        true,
+    ),
+    kind(
+        "security.istio.io",
+        "v1",
+        "authorizationpolicies",
+        "AuthorizationPolicy",
+        true,
+        true,
+        true,
+    ),
+    kind(
+        "security.istio.io",
+        "v1",
+        "peerauthentications",
+        "PeerAuthentication",
+        true,
+        true,
+        true,
+    ),
+    kind(
+        "gateway.networking.k8s.io",
+        "v1",
+        "gateways",
+        "Gateway",
+        true,
+        true,
+        true,
+    ),
+    kind(
+        "gateway.networking.k8s.io",
+        "v1",
+        "gatewayclasses",
+        "GatewayClass",
+        false,
+        true,
+        true,
+    ),
+    kind(
+        "gateway.networking.k8s.io",
+        "v1",
+        "httproutes",
+        "HTTPRoute",
+        true,
+        true,
+        true,
+    ),
+    kind(
+        "gateway.networking.k8s.io",
+        "v1beta1",
+        "referencegrants",
+        "ReferenceGrant",
+        true,
+        false,
+        true,
+    ),
 ];
 
 /// TokenReviews: created and answered, never stored.
-static TOKEN_REVIEWS: Kind = kind("authentication.k8s.io", "v1", "tokenreviews", "TokenReview", false, false, false);
+static TOKEN_REVIEWS: Kind = kind(
+    "authentication.k8s.io",
+    "v1",
+    "tokenreviews",
+    "TokenReview",
+    false,
+    false,
+    false,
+);
 
 pub fn token_reviews() -> &'static Kind {
     &TOKEN_REVIEWS
@@ -190,7 +270,10 @@ mod tests {
     #[test]
     fn core_and_group_paths() {
         let all_pods = resource("/api/v1/pods");
-        assert_eq!((all_pods.kind.kind, all_pods.namespace, all_pods.name), ("Pod", None, None));
+        assert_eq!(
+            (all_pods.kind.kind, all_pods.namespace, all_pods.name),
+            ("Pod", None, None)
+        );
         let pod = resource("/api/v1/namespaces/ns/pods/p/status");
         assert_eq!(pod.namespace.as_deref(), Some("ns"));
         assert_eq!(pod.name.as_deref(), Some("p"));
@@ -198,13 +281,19 @@ mod tests {
         let lease = resource("/apis/coordination.k8s.io/v1/namespaces/istio-system/leases/istiod");
         assert_eq!(lease.kind.qualified(), "leases.coordination.k8s.io");
         let class = resource("/apis/gateway.networking.k8s.io/v1/gatewayclasses/istio");
-        assert_eq!((class.kind.kind, class.name.as_deref()), ("GatewayClass", Some("istio")));
+        assert_eq!(
+            (class.kind.kind, class.name.as_deref()),
+            ("GatewayClass", Some("istio"))
+        );
     }
 
     #[test]
     fn a_namespace_and_its_status_are_not_a_namespaced_collection() {
         let namespace = resource("/api/v1/namespaces/default");
-        assert_eq!((namespace.kind.kind, namespace.name.as_deref()), ("Namespace", Some("default")));
+        assert_eq!(
+            (namespace.kind.kind, namespace.name.as_deref()),
+            ("Namespace", Some("default"))
+        );
         let status = resource("/api/v1/namespaces/default/status");
         assert_eq!(status.subresource.as_deref(), Some("status"));
     }

@@ -10,7 +10,7 @@ use crate::patch::{self, PatchType};
 use crate::resources::Target;
 use crate::selector::Selector;
 use crate::status::{self, Status};
-use crate::store::{State, Write};
+use crate::store::{Origin, State, Write};
 use crate::watch::{Filter, Subscription, partial_metadata};
 
 /// A watch without `timeoutSeconds` stays open this long (the server's minimum request timeout).
@@ -74,7 +74,12 @@ pub fn serve(state: &mut State, verb: &str, request: &Request<'_>) -> Result<Rep
             let names: Vec<(Option<String>, String)> = state
                 .list(target.kind, namespace)
                 .filter(|o| selector.matches(o))
-                .map(|o| (o["metadata"]["namespace"].as_str().map(str::to_owned), name_of(o).to_owned()))
+                .map(|o| {
+                    (
+                        o["metadata"]["namespace"].as_str().map(str::to_owned),
+                        name_of(o).to_owned(),
+                    )
+                })
                 .collect();
             let deleted = names
                 .iter()
@@ -184,7 +189,7 @@ fn create(state: &mut State, request: &Request<'_>) -> Result<Reply, Status> {
     if let Some(manager) = request.query.get("fieldManager") {
         patch::managed(&mut object, manager, "Update", None);
     }
-    let created = state.create(target.kind, target.namespace.as_deref(), object, true)?;
+    let created = state.create(target.kind, target.namespace.as_deref(), object, Origin::Client)?;
     Ok(Reply::Object(201, created))
 }
 
@@ -235,7 +240,10 @@ fn patch(state: &mut State, request: &Request<'_>) -> Result<Reply, Status> {
     if let Some(manager) = request.query.get("fieldManager") {
         patch::managed(&mut patched, manager, "Update", target.subresource.as_deref());
     }
-    Ok(Reply::Object(200, state.update(kind, namespace, name, patched, write_of(target))?))
+    Ok(Reply::Object(
+        200,
+        state.update(kind, namespace, name, patched, write_of(target))?,
+    ))
 }
 
 /// Server-side apply: creates the object when absent, else lays the applied fields over it.
@@ -243,18 +251,24 @@ fn apply(state: &mut State, request: &Request<'_>, existing: Option<Value>) -> R
     let target = request.target;
     let (kind, namespace) = (target.kind, target.namespace.as_deref());
     let name = target.name.as_deref().unwrap_or_default();
-    let manager = request.query.get("fieldManager").filter(|m| !m.is_empty()).ok_or_else(|| {
-        status::bad_request(
-            "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch"
-                .to_owned(),
-        )
-    })?;
+    let manager = request
+        .query
+        .get("fieldManager")
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| {
+            status::bad_request(
+                "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch"
+                    .to_owned(),
+            )
+        })?;
     let text = std::str::from_utf8(request.body).map_err(|e| status::bad_request(format!("apply body: {e}")))?;
     let mut applied: Value = serde_json::from_str(text)
         .or_else(|_| serde_saphyr::from_str(text))
         .map_err(|e| status::bad_request(format!("error decoding YAML: {e}")))?;
     if !applied.is_object() {
-        return Err(status::bad_request("the applied configuration is not an object".to_owned()));
+        return Err(status::bad_request(
+            "the applied configuration is not an object".to_owned(),
+        ));
     }
     check_identity(request, &mut applied)?;
     let subresource = target.subresource.as_deref();
@@ -267,7 +281,10 @@ fn apply(state: &mut State, request: &Request<'_>, existing: Option<Value>) -> R
         }
         applied["apiVersion"] = json!(kind.api_version());
         patch::managed(&mut applied, manager, "Apply", None);
-        return Ok(Reply::Object(201, state.create(kind, namespace, applied, true)?));
+        return Ok(Reply::Object(
+            201,
+            state.create(kind, namespace, applied, Origin::Client)?,
+        ));
     };
     let version = &applied["metadata"]["resourceVersion"];
     if !version.is_null() && *version != existing["metadata"]["resourceVersion"] {
@@ -275,5 +292,8 @@ fn apply(state: &mut State, request: &Request<'_>, existing: Option<Value>) -> R
     }
     let mut merged = patch::apply(&existing, &applied, subresource.is_some());
     patch::managed(&mut merged, manager, "Apply", subresource);
-    Ok(Reply::Object(200, state.update(kind, namespace, name, merged, write_of(target))?))
+    Ok(Reply::Object(
+        200,
+        state.update(kind, namespace, name, merged, write_of(target))?,
+    ))
 }

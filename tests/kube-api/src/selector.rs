@@ -47,12 +47,8 @@ impl Selector {
     /// Parses both query parameters; the error is the message of a 400.
     pub fn parse(labels: Option<&str>, fields: Option<&str>) -> Result<Selector, String> {
         Ok(Selector {
-            labels: split(labels.unwrap_or_default())
-                .map(label)
-                .collect::<Result<_, _>>()?,
-            fields: split(fields.unwrap_or_default())
-                .map(field)
-                .collect::<Result<_, _>>()?,
+            labels: split(labels.unwrap_or_default()).map(label).collect::<Result<_, _>>()?,
+            fields: split(fields.unwrap_or_default()).map(field).collect::<Result<_, _>>()?,
         })
     }
 
@@ -68,7 +64,10 @@ impl Selector {
     pub fn matches(&self, object: &Value) -> bool {
         let labels = &object["metadata"]["labels"];
         self.labels.iter().all(|r| r.matches(labels[&r.key].as_str()))
-            && self.fields.iter().all(|r| r.matches(Some(&field_value(object, &r.key))))
+            && self
+                .fields
+                .iter()
+                .all(|r| r.matches(Some(&field_value(object, &r.key))))
     }
 }
 
@@ -110,7 +109,10 @@ fn label(part: &str) -> Result<Requirement, String> {
                 .and_then(|s| s.strip_suffix(')'))
                 .ok_or_else(|| format!("unable to parse requirement: {part}: expected a (set)"))?;
             let values = set.split(',').map(|v| v.trim().to_owned()).collect();
-            return Ok(requirement(key, if set_op { Op::NotIn(values) } else { Op::In(values) }));
+            return Ok(requirement(
+                key,
+                if set_op { Op::NotIn(values) } else { Op::In(values) },
+            ));
         }
     }
     if let Some(key) = part.strip_prefix('!') {

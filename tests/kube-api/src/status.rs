@@ -134,7 +134,10 @@ mod tests {
             "Operation cannot be fulfilled on leases.coordination.k8s.io \"istiod\": the object has been \
              modified; please apply your changes to the latest version and try again"
         );
-        assert_eq!(status.body["details"], json!({"name": "istiod", "group": "coordination.k8s.io", "kind": "leases"}));
+        assert_eq!(
+            status.body["details"],
+            json!({"name": "istiod", "group": "coordination.k8s.io", "kind": "leases"})
+        );
     }
 
     #[test]

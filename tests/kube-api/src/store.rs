@@ -1,8 +1,9 @@
 //! The objects, as etcd and the registry keep them: one global resourceVersion counter, server-set
 //! metadata, a bounded history of changes that watches replay, and the garbage collector.
 
+mod cluster_ips;
+
 use std::collections::{BTreeMap, HashSet};
-use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde_json::{Value, json};
@@ -12,6 +13,7 @@ use crate::meta;
 use crate::resources::Kind;
 use crate::status::{self, Status};
 use crate::watch::{Change, EventType, Filter, Message, Subscription, Watches};
+use cluster_ips::ClusterIps;
 
 /// Where an object lives: kind, namespace (empty when cluster-scoped), name.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -34,13 +36,13 @@ impl Key {
 
     fn of(kind: &'static Kind, object: &Value) -> Key {
         let metadata = &object["metadata"];
-        Key::new(kind, metadata["namespace"].as_str(), metadata["name"].as_str().unwrap_or_default())
+        Key::new(
+            kind,
+            metadata["namespace"].as_str(),
+            metadata["name"].as_str().unwrap_or_default(),
+        )
     }
 }
-
-/// The first Service IP handed out: 10.96.0.1, the start of 10.96.0.0/12.
-const FIRST_SERVICE_IP: u32 = 0x0a60_0001;
-const LAST_SERVICE_IP: u32 = 0x0a6f_fffe;
 
 /// Everything the server holds, behind one lock (never held across an await).
 #[derive(Debug)]
@@ -49,7 +51,7 @@ pub struct State {
     objects: BTreeMap<Key, (&'static Kind, Value)>,
     pub watches: Watches,
     uninstalled: HashSet<(String, String)>,
-    next_service_ip: u32,
+    cluster_ips: ClusterIps,
     pub auth: Auth,
     pub calls: Vec<ApiCall>,
 }
@@ -68,7 +70,7 @@ impl Default for Store {
                 objects: BTreeMap::new(),
                 watches: Watches::default(),
                 uninstalled: HashSet::new(),
-                next_service_ip: FIRST_SERVICE_IP,
+                cluster_ips: ClusterIps::default(),
                 auth: Auth::default(),
                 calls: Vec::new(),
             }),
@@ -84,6 +86,15 @@ impl Store {
     pub fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+/// Who creates an object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// A request: its Namespace must exist, and the server sets uid and creationTimestamp.
+    Client,
+    /// The test seeding the cluster: no Namespace needed, a given uid or creationTimestamp kept.
+    Admin,
 }
 
 /// How an update treats the stored object.
@@ -103,11 +114,14 @@ impl State {
     }
 
     pub fn installed(&self, kind: &Kind) -> bool {
-        !self.uninstalled.contains(&(kind.group.to_owned(), kind.plural.to_owned()))
+        !self
+            .uninstalled
+            .contains(&(kind.group.to_owned(), kind.plural.to_owned()))
     }
 
     pub fn install(&mut self, kind: &'static Kind) {
-        self.uninstalled.remove(&(kind.group.to_owned(), kind.plural.to_owned()));
+        self.uninstalled
+            .remove(&(kind.group.to_owned(), kind.plural.to_owned()));
     }
 
     /// Removes the CRD: its objects are deleted and the watches on it end.
@@ -128,7 +142,9 @@ impl State {
     }
 
     pub fn get(&self, kind: &'static Kind, namespace: Option<&str>, name: &str) -> Option<&Value> {
-        self.objects.get(&Key::new(kind, namespace, name)).map(|(_, object)| object)
+        self.objects
+            .get(&Key::new(kind, namespace, name))
+            .map(|(_, object)| object)
     }
 
     /// The objects of a kind, in one namespace or all, in key order.
@@ -139,13 +155,13 @@ impl State {
             .map(|(_, (_, object))| object)
     }
 
-    /// Creates `object` in `namespace`; `check_namespace` refuses a namespace that does not exist.
+    /// Creates `object` in `namespace`.
     pub fn create(
         &mut self,
         kind: &'static Kind,
         namespace: Option<&str>,
         mut object: Value,
-        check_namespace: bool,
+        origin: Origin,
     ) -> Result<Value, Status> {
         if !object["metadata"].is_object() {
             object["metadata"] = json!({});
@@ -154,7 +170,7 @@ impl State {
         if metadata["name"].as_str().unwrap_or_default().is_empty()
             && let Some(prefix) = metadata["generateName"].as_str().filter(|p| !p.is_empty())
         {
-            metadata["name"] = json!(format!("{prefix}{}", generated_suffix()));
+            metadata["name"] = json!(format!("{prefix}{}", meta::generated_suffix()));
         }
         let name = metadata["name"].as_str().unwrap_or_default().to_owned();
         if name.is_empty() {
@@ -163,10 +179,14 @@ impl State {
         }
         match (kind.namespaced, namespace.or(metadata["namespace"].as_str())) {
             (true, Some(namespace)) => metadata["namespace"] = json!(namespace),
-            (true, None) => return Err(status::bad_request("the namespace of the object is required".to_owned())),
+            (true, None) => {
+                return Err(status::bad_request(
+                    "the namespace of the object is required".to_owned(),
+                ));
+            }
             (false, _) => _ = metadata.as_object_mut().map(|m| m.remove("namespace")),
         }
-        if check_namespace && kind.namespaced {
+        if origin == Origin::Client && kind.namespaced {
             let namespace = object["metadata"]["namespace"].as_str().unwrap_or_default();
             let namespaces = crate::resources::by_kind("v1", "Namespace").expect("in the table");
             if self.get(namespaces, None, namespace).is_none() {
@@ -180,8 +200,13 @@ impl State {
         object["apiVersion"] = json!(kind.api_version());
         object["kind"] = json!(kind.kind);
         let metadata = &mut object["metadata"];
-        metadata["uid"] = json!(meta::uid());
-        metadata["creationTimestamp"] = json!(meta::timestamp());
+        let server_sets = |field: &Value| origin == Origin::Client || field.as_str().is_none_or(str::is_empty);
+        if server_sets(&metadata["uid"]) {
+            metadata["uid"] = json!(meta::uid());
+        }
+        if server_sets(&metadata["creationTimestamp"]) {
+            metadata["creationTimestamp"] = json!(meta::timestamp());
+        }
         metadata["generation"] = json!(1);
         if kind.kind == "Service" {
             self.allocate_cluster_ip(&mut object);
@@ -226,7 +251,14 @@ impl State {
         }
         object["apiVersion"] = json!(kind.api_version());
         object["kind"] = json!(kind.kind);
-        for field in ["name", "uid", "creationTimestamp", "namespace", "generation", "resourceVersion"] {
+        for field in [
+            "name",
+            "uid",
+            "creationTimestamp",
+            "namespace",
+            "generation",
+            "resourceVersion",
+        ] {
             object["metadata"][field] = old["metadata"][field].clone();
         }
         if object["metadata"]["managedFields"].is_null() {
@@ -337,29 +369,13 @@ impl State {
     }
 
     fn allocate_cluster_ip(&mut self, service: &mut Value) {
-        let spec = &mut service["spec"];
-        if spec["type"] == "ExternalName" || spec["clusterIP"].as_str().is_some_and(|ip| !ip.is_empty()) {
-            return;
-        }
         let in_use: HashSet<String> = self
             .objects
             .values()
             .filter(|(k, _)| k.kind == "Service")
             .filter_map(|(_, o)| o["spec"]["clusterIP"].as_str().map(str::to_owned))
             .collect();
-        let ip = loop {
-            let ip = Ipv4Addr::from(self.next_service_ip).to_string();
-            self.next_service_ip = if self.next_service_ip >= LAST_SERVICE_IP {
-                FIRST_SERVICE_IP
-            } else {
-                self.next_service_ip + 1
-            };
-            if !in_use.contains(&ip) {
-                break ip;
-            }
-        };
-        spec["clusterIP"] = json!(ip);
-        spec["clusterIPs"] = json!([ip]);
+        self.cluster_ips.allocate(service, &in_use);
     }
 }
 
@@ -381,17 +397,4 @@ fn spec_of(object: &Value) -> Value {
         fields.remove("status");
     }
     spec
-}
-
-/// Five characters as the API server appends to a `generateName`.
-fn generated_suffix() -> String {
-    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
-    let mut n = meta::random_u64();
-    (0..5)
-        .map(|_| {
-            let c = ALPHABET[(n % ALPHABET.len() as u64) as usize];
-            n /= ALPHABET.len() as u64;
-            char::from(c)
-        })
-        .collect()
 }

@@ -257,7 +257,11 @@ impl WatchBody {
     pub fn new(store: Arc<Store>, subscription: Subscription, timeout: Duration, metadata_only: bool) -> WatchBody {
         let bookmarks = {
             let state = store.lock();
-            let allowed = state.watches.open.get(&subscription.id).is_some_and(|o| o.filter.bookmarks);
+            let allowed = state
+                .watches
+                .open
+                .get(&subscription.id)
+                .is_some_and(|o| o.filter.bookmarks);
             allowed.then(|| tokio::time::interval_at(Instant::now() + BOOKMARK_PERIOD, BOOKMARK_PERIOD))
         };
         WatchBody {
