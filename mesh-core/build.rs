@@ -8,6 +8,7 @@ const PROTOS: &[&str] = &[
     "envoy_core.proto",
     "rpc_status.proto",
     "waypoint.proto",
+    "zds.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -166,7 +166,10 @@ impl<P: Placement> CertificateService<P> {
             ));
         };
         let place = self.placement.pod(&account.namespace, &bound.name).ok_or_else(|| {
-            format!("caller {name}: its pod {}/{} is not known", account.namespace, bound.name)
+            format!(
+                "caller {name}: its pod {}/{} is not known",
+                account.namespace, bound.name
+            )
         })?;
         if bound.uid.is_some() && place.uid != bound.uid {
             return Err(format!(
@@ -248,7 +251,10 @@ impl<P: Placement> IstioCertificateService for CertificateService<P> {
         let caller = match self.authenticators.authenticate(request.metadata()).await {
             Ok(caller) => caller,
             Err(status) => {
-                warn!(reason = status.message(), "certificate request refused: caller not authenticated");
+                warn!(
+                    reason = status.message(),
+                    "certificate request refused: caller not authenticated"
+                );
                 return Err(status);
             }
         };

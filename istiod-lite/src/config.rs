@@ -46,7 +46,12 @@ pub struct Config {
     pub token_audiences: Vec<String>,
     /// Service accounts (<namespace>/<name>, comma-separated) trusted as node agents: only they
     /// may ask for another identity (ImpersonatedIdentity), and only for pods on their own node.
-    #[arg(long, env = "CA_TRUSTED_NODE_ACCOUNTS", value_delimiter = ',', default_value = "istio-system/ztunnel")]
+    #[arg(
+        long,
+        env = "CA_TRUSTED_NODE_ACCOUNTS",
+        value_delimiter = ',',
+        default_value = "istio-system/ztunnel"
+    )]
     pub trusted_node_accounts: Vec<AccountName>,
     /// Namespace istiod-lite runs in: its Lease and CA Secret live there (with --kubernetes).
     #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
@@ -70,7 +75,11 @@ pub struct Config {
     #[arg(long, env = "WAYPOINT_IMAGE", default_value = "ghcr.io/ambient-mesh/waypoint:latest")]
     pub waypoint_image: String,
     /// The xDS/CA address waypoint pods are given (their XDS_ADDRESS).
-    #[arg(long, env = "WAYPOINT_XDS_ADDRESS", default_value = "https://istiod-lite.istio-system.svc:15012")]
+    #[arg(
+        long,
+        env = "WAYPOINT_XDS_ADDRESS",
+        default_value = "https://istiod-lite.istio-system.svc:15012"
+    )]
     pub waypoint_xds_address: String,
     /// Validity of workload certificates when the caller asks for none (e.g. 24h).
     #[arg(long, env = "ISTIOD_CERT_TTL", default_value = "24h", value_parser = humantime::parse_duration)]

@@ -135,9 +135,9 @@ async fn try_acquire_or_renew(
                 return Ok(false);
             }
         };
-        let their_duration = spec
-            .lease_duration_seconds
-            .map_or(settings.duration, |s| Duration::from_secs(s.max(1).unsigned_abs().into()));
+        let their_duration = spec.lease_duration_seconds.map_or(settings.duration, |s| {
+            Duration::from_secs(s.max(1).unsigned_abs().into())
+        });
         if seen.elapsed() < their_duration {
             return Ok(false);
         }

@@ -35,14 +35,14 @@ pub async fn run(config: Arc<Config>, signals: Signals, log: LogHandle) -> anyho
     let files_metrics = source::files::Metrics::new(&mut registry);
 
     let kube = match config.kubernetes {
-        true => Some(
-            source::kubernetes::client(config.kubeconfig.as_deref())
-                .await
-                .map_err(|e| match &config.kubeconfig {
+        true => {
+            Some(source::kubernetes::client(config.kubeconfig.as_deref()).await.map_err(
+                |e| match &config.kubeconfig {
                     Some(path) => anyhow::anyhow!("--kubeconfig {}: {e}", path.display()),
                     None => anyhow::anyhow!("--kubernetes: no in-cluster config and no usable kubeconfig: {e}"),
-                })?,
-        ),
+                },
+            )?)
+        }
         false => None,
     };
 
@@ -140,7 +140,8 @@ async fn load_authority(config: &Config, kube: Option<kube::Client>) -> anyhow::
         return Ok(authority);
     }
     let client = kube.expect("ca_dir() is None only with --kubernetes");
-    let (authority, origin, secret) = ca::secret::load_or_create(client, &config.system_namespace, &config.trust_domain).await?;
+    let (authority, origin, secret) =
+        ca::secret::load_or_create(client, &config.system_namespace, &config.trust_domain).await?;
     info!(secret = %format!("{}/{secret}", config.system_namespace), ?origin, trust_domain = %config.trust_domain, "CA ready");
     Ok(authority)
 }

@@ -76,7 +76,8 @@ impl AggregatedDiscoveryService for Server {
         let id = self.next_client.fetch_add(1, Ordering::Relaxed);
         let (responses, queue) = mpsc::channel(CLIENT_QUEUE);
         let client = stream::Client::new(id, responses, self.metrics.clone());
-        let span = tracing::info_span!("xds_client", id, peer = ?peer, caller = caller.as_deref().unwrap_or("(loopback)"));
+        let span =
+            tracing::info_span!("xds_client", id, peer = ?peer, caller = caller.as_deref().unwrap_or("(loopback)"));
         tokio::spawn(
             client
                 .run(request.into_inner(), self.snapshots.clone())

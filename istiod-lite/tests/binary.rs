@@ -90,13 +90,19 @@ async fn serves_the_directory_over_delta_xds_and_signs_over_tls() {
     assert_eq!(cert.identity(), &identity);
 
     // xDS on the TLS port wants a caller: the node token is one, no token is refused.
-    let refused = Subscription::open(istiod.tls_channel(&root).await, ADDRESS_TYPE_URL, None).await.err().unwrap();
+    let refused = Subscription::open(istiod.tls_channel(&root).await, ADDRESS_TYPE_URL, None)
+        .await
+        .err()
+        .unwrap();
     assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
     assert!(refused.message().contains("missing `authorization"), "{refused:?}");
     let mut node = Subscription::open(istiod.tls_channel(&root).await, ADDRESS_TYPE_URL, Some("secret-node-1"))
         .await
         .unwrap();
-    assert_eq!(names(&node.next().await), ["Kubernetes//Pod/demo/b", "demo/server.demo.svc.cluster.local"]);
+    assert_eq!(
+        names(&node.next().await),
+        ["Kubernetes//Pod/demo/b", "demo/server.demo.svc.cluster.local"]
+    );
 
     let (status, metrics) = http_get(istiod.servers["metrics"], "/metrics");
     assert_eq!(status, 200);

@@ -46,7 +46,13 @@ async fn start() -> (IstioCertificateServiceClient<Channel>, Arc<Authority>) {
         default: Duration::from_secs(24 * 3600),
         max: Duration::from_secs(48 * 3600),
     };
-    let service = CertificateService::new(authority.clone(), Authenticators::new(vec![Arc::new(tokens)]), pods, "cluster.local", lifetimes);
+    let service = CertificateService::new(
+        authority.clone(),
+        Authenticators::new(vec![Arc::new(tokens)]),
+        pods,
+        "cluster.local",
+        lifetimes,
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     tokio::spawn(

@@ -116,7 +116,11 @@ async fn reflectors_feed_the_store_and_follow_watch_events() {
     tokio::spawn(api_server(handle, lists, watches));
     let store = Arc::new(Store::new());
     let (synced, initial_lists) = tokio::sync::oneshot::channel();
-    let source = tokio::spawn(kubernetes::run(kube::Client::new(service, "default"), store.clone(), synced));
+    let source = tokio::spawn(kubernetes::run(
+        kube::Client::new(service, "default"),
+        store.clone(),
+        synced,
+    ));
     // The Gateway API answers 404 here: a missing CRD counts as listed, so the store fills.
     tokio::time::timeout(Duration::from_secs(10), initial_lists)
         .await

@@ -82,7 +82,9 @@ fn start(api: &ApiServer, scratch: &Scratch, extra: &[&str]) -> Istiod {
 
 /// The root the CA keeps in its Secret.
 fn root_of(api: &ApiServer) -> String {
-    let secret = api.get("v1", "Secret", Some("istio-system"), "istio-ca-secret").expect("the CA secret");
+    let secret = api
+        .get("v1", "Secret", Some("istio-system"), "istio-ca-secret")
+        .expect("the CA secret");
     let secret: Secret = serde_json::from_value(secret).unwrap();
     String::from_utf8(secret.data.unwrap()["root-cert.pem"].0.clone()).unwrap()
 }
@@ -119,7 +121,12 @@ async fn the_binary_follows_the_api_through_relists_and_outages() {
     // Created, changed and deleted through the API.
     api.apply(pod("b", "10.0.1.2", "node-1", "server"));
     assert_eq!(names(&addresses.next().await), ["Kubernetes//Pod/demo/b"]);
-    assert!(api.delete("security.istio.io/v1", "AuthorizationPolicy", Some("demo"), "allow-client"));
+    assert!(api.delete(
+        "security.istio.io/v1",
+        "AuthorizationPolicy",
+        Some("demo"),
+        "allow-client"
+    ));
     assert_eq!(policies.next().await.removed_resources, ["demo/allow-client"]);
     // The selected workloads no longer name the policy.
     assert_eq!(
@@ -185,27 +192,66 @@ async fn the_ca_and_xds_authenticate_callers_with_token_review() {
         .as_str()
         .unwrap()
         .to_owned();
-    let client_token =
-        api.issue_service_account_token("demo", "client", Some(("client", &client_uid)), Some("node-1"), &["istio-ca"]);
+    let client_token = api.issue_service_account_token(
+        "demo",
+        "client",
+        Some(("client", &client_uid)),
+        Some("node-1"),
+        &["istio-ca"],
+    );
     // Any workload gets its own identity.
     let own = ask(client_token.clone(), id("client"), false).await.unwrap();
     assert_eq!(own.identity(), &id("client"));
 
     let expired = ztunnel_token(&api);
     api.expire_token(&expired);
-    let wrong_audience =
-        api.issue_service_account_token("istio-system", "ztunnel", Some(("ztunnel-1", ZTUNNEL_POD_UID)), Some("node-1"), &["vault"]);
+    let wrong_audience = api.issue_service_account_token(
+        "istio-system",
+        "ztunnel",
+        Some(("ztunnel-1", ZTUNNEL_POD_UID)),
+        Some("node-1"),
+        &["vault"],
+    );
     let refusals = [
-        ("pods only on other nodes", ztunnel_token(&api), id("other"), "node node-1 runs no pod with service account demo/other"),
-        ("an untrusted caller", client_token, id("server"), "caller demo/client is not a trusted node agent"),
-        ("an expired token", expired, id("server"), "did not authenticate the token"),
-        ("an unknown token", "made-up".to_owned(), id("server"), "did not authenticate the token"),
-        ("a wrong audience", wrong_audience, id("server"), "did not authenticate the token"),
+        (
+            "pods only on other nodes",
+            ztunnel_token(&api),
+            id("other"),
+            "node node-1 runs no pod with service account demo/other",
+        ),
+        (
+            "an untrusted caller",
+            client_token,
+            id("server"),
+            "caller demo/client is not a trusted node agent",
+        ),
+        (
+            "an expired token",
+            expired,
+            id("server"),
+            "did not authenticate the token",
+        ),
+        (
+            "an unknown token",
+            "made-up".to_owned(),
+            id("server"),
+            "did not authenticate the token",
+        ),
+        (
+            "a wrong audience",
+            wrong_audience,
+            id("server"),
+            "did not authenticate the token",
+        ),
     ];
     for (case, token, identity, message) in refusals {
         let status = ask(token, identity, true).await.expect_err(case);
         assert_eq!(status.code(), tonic::Code::Unauthenticated, "{case}: {status:?}");
-        assert!(status.message().contains(message), "{case}: {:?} lacks {message:?}", status.message());
+        assert!(
+            status.message().contains(message),
+            "{case}: {:?} lacks {message:?}",
+            status.message()
+        );
     }
 
     // xDS on 15012: anonymous and bad tokens refused, a valid one served.
@@ -219,9 +265,13 @@ async fn the_ca_and_xds_authenticate_callers_with_token_review() {
         .err()
         .expect("an unknown token is refused");
     assert_eq!(unknown.code(), tonic::Code::Unauthenticated, "{unknown:?}");
-    let mut served = Subscription::open(istiod.tls_channel(&root).await, ADDRESS_TYPE_URL, Some(&ztunnel_token(&api)))
-        .await
-        .unwrap();
+    let mut served = Subscription::open(
+        istiod.tls_channel(&root).await,
+        ADDRESS_TYPE_URL,
+        Some(&ztunnel_token(&api)),
+    )
+    .await
+    .unwrap();
     assert!(names(&served.next().await).contains(&"Kubernetes//Pod/demo/a".to_owned()));
 }
 
@@ -233,12 +283,16 @@ async fn missing_rbac_and_crds_and_bad_kubeconfigs_say_what_is_missing() {
     let scratch = Scratch::new("kube-errors");
     let istiod = start(&api, &scratch, &[]);
     let crd = block_in_place(|| {
-        istiod.wait_for_log(&["does not serve serviceentries.networking.istio.io"], Duration::from_secs(20))
+        istiod.wait_for_log(
+            &["does not serve serviceentries.networking.istio.io"],
+            Duration::from_secs(20),
+        )
     });
     assert!(crd.contains("is its CRD installed?"), "{crd}");
     let rbac = block_in_place(|| istiod.wait_for_log(&["forbids reading services"], Duration::from_secs(20)));
     assert!(
-        rbac.contains("cannot list resource \\\"services\\\"") && rbac.contains("grant istiod-lite get, list and watch on services"),
+        rbac.contains("cannot list resource \\\"services\\\"")
+            && rbac.contains("grant istiod-lite get, list and watch on services"),
         "{rbac}"
     );
     // Readiness waits for the list it may not read; the missing CRD does not hold it up.
@@ -253,7 +307,10 @@ async fn missing_rbac_and_crds_and_bad_kubeconfigs_say_what_is_missing() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
-    assert!(stderr.contains(&format!("--kubeconfig {}", missing.display())), "{stderr}");
+    assert!(
+        stderr.contains(&format!("--kubeconfig {}", missing.display())),
+        "{stderr}"
+    );
 
     let help = std::process::Command::new(BIN).arg("--help").output().unwrap();
     let help = String::from_utf8_lossy(&help.stdout);

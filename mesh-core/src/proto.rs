@@ -19,6 +19,9 @@ macro_rules! generated {
 pub mod istio {
     pub mod workload {
         generated!("istio.workload.rs");
+        pub mod zds {
+            generated!("istio.workload.zds.rs");
+        }
     }
     pub mod security {
         generated!("istio.security.rs");
@@ -64,6 +67,7 @@ pub mod google {
 
 pub use envoy::service::discovery::v3 as discovery;
 pub use istio::v1::auth as ca;
+pub use istio::workload::zds;
 pub use istio::{security, workload};
 pub use mesh::waypoint::v1 as waypoint;
 

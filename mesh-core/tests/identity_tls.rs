@@ -188,11 +188,21 @@ fn csrs_with_other_keys_or_digests_are_refused_by_name() {
         .expect("P-256 with SHA-256 is what the mesh issues");
     for (key, digest, expected) in [
         (&p384[..], "-sha256", "the key is an EC P-384 (secp384r1) key"),
-        (&p256[..], "-sha384", "the key is P-256 but the request is signed with ecdsa-with-SHA384"),
+        (
+            &p256[..],
+            "-sha384",
+            "the key is P-256 but the request is signed with ecdsa-with-SHA384",
+        ),
         (&rsa[..], "-sha256", "the key is not an EC key"),
     ] {
-        let error = ca.sign_csr(&openssl_csr(key, digest), &id("x"), HOUR).unwrap_err().to_string();
+        let error = ca
+            .sign_csr(&openssl_csr(key, digest), &id("x"), HOUR)
+            .unwrap_err()
+            .to_string();
         assert!(error.contains(expected), "{key:?} {digest}: {error}");
-        assert!(error.contains("only ECDSA P-256 keys signed with ecdsa-with-SHA256"), "{error}");
+        assert!(
+            error.contains("only ECDSA P-256 keys signed with ecdsa-with-SHA256"),
+            "{error}"
+        );
     }
 }

@@ -33,7 +33,13 @@ async fn gets_certificates_for_its_pods_only() {
         ("node-1".to_owned(), mine.clone()),
         ("node-2".to_owned(), elsewhere.clone()),
     ]));
-    let service = CertificateService::new(authority.clone(), Authenticators::new(vec![Arc::new(tokens)]), pods, "cluster.local", Lifetimes::default());
+    let service = CertificateService::new(
+        authority.clone(),
+        Authenticators::new(vec![Arc::new(tokens)]),
+        pods,
+        "cluster.local",
+        Lifetimes::default(),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     tokio::spawn(
@@ -65,8 +71,7 @@ async fn gets_certificates_for_its_pods_only() {
 
     let error = client.fetch(&elsewhere).await.unwrap_err().to_string();
     assert!(
-        error.contains("Unauthenticated")
-            && error.contains("node node-1 runs no pod with service account demo/server"),
+        error.contains("Unauthenticated") && error.contains("node node-1 runs no pod with service account demo/server"),
         "{error}"
     );
 }

@@ -1,19 +1,25 @@
-//! In-pod redirection for real: each pod is a network namespace wired to its node with a veth
-//! pair, and ztunnel (in `inpod` mode) finds each ambient pod's namespace by its IP, installs its
-//! capture rules and listens inside it. The apps know nothing of the mesh.
+//! In-pod mode for real, driven over ZDS: each pod is a network namespace wired to its node with
+//! a veth pair; the test plays the node agent (capture rules installed by it, the namespace handed
+//! to ztunnel over ZDS with the protocol's messages, see `mesh_tests::zds_peer`) and ztunnel
+//! listens inside each pod's namespace. The apps know nothing of the mesh.
 //!
 //! Ambient → ambient goes over HBONE (mTLS metrics on the receiving side), non-ambient → ambient
-//! is admitted as plaintext on 15006, ambient → non-ambient passes through; labelling a namespace
-//! ambient enrols its running pods and removing the label unenrols them; after a ztunnel crash
-//! the rules stay and a restarted ztunnel serves new connections again; a clean exit removes them.
+//! is admitted as plaintext on 15006, ambient → non-ambient passes through; a pod added later is
+//! captured, a deleted one released; bad requests get an ack with the reason. A snapshot after a
+//! reconnect drops the pods it does not name; while no ztunnel serves a pod (crash, graceful stop)
+//! its captured connections are refused, never carried around the mesh; a restarted ztunnel
+//! serves again once the agent sends its snapshot.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use mesh_core::netns::NetNs;
 use mesh_lab::topology::{self, Namespace};
 use mesh_tests::greeting_echo_app_on;
 use mesh_tests::lab::{Lab, connect_in, exchange, http_get, listen_in, pod_yaml};
 use mesh_tests::netns;
+use mesh_tests::zds_peer::{ZdsPeer, ZdsSession};
 
 const BASE: u8 = 73;
 const CLIENT: &str = "10.73.0.1";
@@ -40,19 +46,6 @@ fn at(ip: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip.parse().expect("ip"), port)
 }
 
-/// Polls `check` until it holds or 15 s pass.
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !check() {
-        assert!(Instant::now() < deadline, "{what}: not within 15s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn captured(pod: &Namespace) -> bool {
-    pod.exec("nft", &["list", "table", "inet", "ztunnel"], None).is_ok()
-}
-
 /// The opened-connection lines of the node's inbound metrics from `source` secured by `security`.
 async fn inbound_from(lab: &Lab, source: &str, security: &str) -> bool {
     let Ok((_, metrics)) = http_get(format!("{}:15020", lab.node_host(1)).parse().unwrap(), "/metrics").await else {
@@ -66,13 +59,73 @@ async fn inbound_from(lab: &Lab, source: &str, security: &str) -> bool {
     })
 }
 
+/// What the agent does for a pod: its rules, then the namespace over ZDS; the ack must be empty.
+async fn enrol(session: &ZdsSession, pod: &Namespace, namespace: &str, name: &str) -> anyhow::Result<()> {
+    let netns = NetNs::open(&pod.path())?;
+    mesh_core::capture::install(&netns, mesh_core::capture::DEFAULT_MARK)?;
+    let acked = session
+        .add(&format!("uid-{name}"), namespace, name, name, Some(&netns))
+        .await?;
+    anyhow::ensure!(acked.is_ok(), "ztunnel refused {name}: {acked:?}");
+    Ok(())
+}
+
+/// A connection from `pod` to `to` while nothing serves the pod: refused by the kernel (the rules
+/// redirect it to a port nobody listens on), and the app never hears of it.
+async fn refused_while_unserved(pod: &Namespace, to: SocketAddr, app_accepts: &AtomicUsize) {
+    let before = app_accepts.load(Ordering::SeqCst);
+    let error = connect_in(pod, to)
+        .await
+        .expect_err("nothing serves the pod: the connection must fail");
+    let refused = error
+        .downcast_ref::<std::io::Error>()
+        .is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused);
+    assert!(refused, "expected a refusal, got {error:#}");
+    assert_eq!(
+        app_accepts.load(Ordering::SeqCst),
+        before,
+        "the app saw a connection around the mesh"
+    );
+}
+
+/// A connection from `pod` to an unserved destination pod: the source's ztunnel takes it but
+/// cannot open the tunnel, so the client sees its connection end without an answer, and the app
+/// never hears of it.
+async fn not_carried(pod: &Namespace, to: SocketAddr, app_accepts: &AtomicUsize) {
+    let before = app_accepts.load(Ordering::SeqCst);
+    let attempt = async { exchange(connect_in(pod, to).await?, b"sneak").await };
+    match attempt.await {
+        Ok(answer) => assert!(answer.is_empty(), "an unserved pod answered: {answer:?}"),
+        Err(error) => assert!(
+            error.downcast_ref::<std::io::Error>().is_some(),
+            "expected a closed or reset connection, got {error:#}"
+        ),
+    }
+    assert_eq!(
+        app_accepts.load(Ordering::SeqCst),
+        before,
+        "the app saw a connection around the mesh"
+    );
+}
+
+async fn eventually_carried(pod: &Namespace, to: SocketAddr, message: &[u8], expected: &[u8]) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let attempt = async { exchange(connect_in(pod, to).await?, message).await };
+        if attempt.await.is_ok_and(|r| r == expected) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "not carried within 15s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[test]
-fn ztunnel_enrols_pods_in_their_own_namespaces() {
-    if !netns::privileged("ztunnel_enrols_pods_in_their_own_namespaces") {
+fn the_agent_hands_pods_to_ztunnel_over_zds() {
+    if !netns::privileged("the_agent_hands_pods_to_ztunnel_over_zds") {
         return;
     }
     netns::isolated(|| async {
-        // The test's own namespace is the node; each pod gets a named namespace wired to it.
         let names = ["client", "server", "legacy"].map(|p| format!("mt{}-{p}", std::process::id()));
         let pods = names.each_ref().map(|n| Namespace::create(n));
         let [client, server, legacy] = pods;
@@ -85,21 +138,21 @@ fn ztunnel_enrols_pods_in_their_own_namespaces() {
             topology::attach(None, pod, link, ip.parse()?)?;
         }
         topology::enable_forwarding(None)?;
-        let _server_app = greeting_echo_app_on(listen_in(&server, at(SERVER, 8080))?, "srv");
+        let server_accepts = greeting_echo_app_on(listen_in(&server, at(SERVER, 8080))?, "srv");
         let _legacy_app = greeting_echo_app_on(listen_in(&legacy, at(LEGACY, 8080))?, "leg");
 
-        let mut lab = Lab::start_with(
-            BASE,
-            &manifests(false),
-            &["node-1"],
-            &[
-                "--redirect=inpod".into(),
-                format!("--netns-dir={}", topology::NETNS_DIR),
-            ],
-        )
-        .await?;
-        eventually("client and server enrolled", || captured(&client) && captured(&server)).await;
-        assert!(!captured(&legacy), "a pod outside the mesh gets no rules");
+        let socket = std::env::temp_dir().join(format!("mt-zds-{}.sock", std::process::id()));
+        let mut agent = ZdsPeer::bind(&socket)?;
+        let zds = format!("--zds-socket={}", socket.display());
+        let lab = tokio::spawn(async move {
+            Lab::start_with(BASE, &manifests(false), &["node-1"], &["--redirect=inpod".into(), zds]).await
+        });
+        // ztunnel is ready once it has the (empty) snapshot of a fresh agent.
+        let session = agent.accept().await?;
+        assert_eq!(session.snapshot_sent().await?, Ok(()));
+        let mut lab = lab.await??;
+        enrol(&session, &client, "demo", "client").await?;
+        enrol(&session, &server, "demo", "server").await?;
 
         // Ambient → ambient: captured in the client's namespace, HBONE into the server's.
         let received = exchange(connect_in(&client, at(SERVER, 8080)).await?, b"hello").await?;
@@ -109,21 +162,21 @@ fn ztunnel_enrols_pods_in_their_own_namespaces() {
             "client → server went over mTLS"
         );
 
-        // Non-ambient → ambient: plaintext, admitted on 15006 (PERMISSIVE).
+        // Not (yet) in the mesh → ambient: plaintext, admitted on 15006 (PERMISSIVE).
         let received = exchange(connect_in(&legacy, at(SERVER, 8080)).await?, b"plain").await?;
         assert_eq!(received, b"srvplain");
         assert!(
             inbound_from(&lab, "legacy", "unknown").await,
             "legacy → server counted as plaintext"
         );
-
-        // Ambient → non-ambient: passed through.
+        // Ambient → outside the mesh: passed through.
         let received = exchange(connect_in(&client, at(LEGACY, 8080)).await?, b"out").await?;
         assert_eq!(received, b"legout");
 
-        // Labelling the legacy namespace ambient enrols its running pod; its traffic turns mTLS.
+        // A pod added later (its namespace labelled) is captured at once: its very first
+        // connection is mTLS.
         lab.write_config("lab.yaml", &manifests(true))?;
-        eventually("legacy pod enrolled", || captured(&legacy)).await;
+        enrol(&session, &legacy, "legacy", "legacy").await?;
         let received = exchange(connect_in(&legacy, at(SERVER, 8080)).await?, b"tls").await?;
         assert_eq!(received, b"srvtls");
         assert!(
@@ -131,26 +184,59 @@ fn ztunnel_enrols_pods_in_their_own_namespaces() {
             "legacy → server now over mTLS"
         );
 
-        // Removing the label unenrols it.
-        lab.write_config("lab.yaml", &manifests(false))?;
-        eventually("legacy pod unenrolled", || !captured(&legacy)).await;
+        // Requests ztunnel cannot honour are acked with the reason.
+        let no_fd = session.add("uid-x", "demo", "x", "x", None).await?;
+        assert!(
+            no_fd
+                .as_ref()
+                .is_err_and(|e| e.contains("without its network namespace")),
+            "{no_fd:?}"
+        );
+        let late_keep = session.keep("uid-client").await?;
+        assert!(
+            late_keep.as_ref().is_err_and(|e| e.contains("after SnapshotSent")),
+            "{late_keep:?}"
+        );
 
-        // A crash leaves the rules in place; the restarted ztunnel takes the pods back.
+        // Deleted: ztunnel stops serving it; the agent removes its rules and it leaves the mesh.
+        assert_eq!(session.delete("uid-legacy").await?, Ok(()));
+        mesh_core::capture::remove(&NetNs::open(&legacy.path())?)?;
+        let received = exchange(connect_in(&legacy, at(SERVER, 8080)).await?, b"left").await?;
+        assert_eq!(received, b"srvleft");
+
+        // The agent reconnects (its restart): a snapshot naming only the client drops the server;
+        // the server's rules stay, so connections to it from outside are refused, never let in.
+        drop(session);
+        let session = agent.accept().await?;
+        assert_eq!(session.keep("uid-client").await?, Ok(()), "a pod ztunnel holds is kept");
+        assert!(
+            session.keep("uid-unknown").await?.is_err(),
+            "a keep for a pod it does not hold fails"
+        );
+        assert_eq!(session.snapshot_sent().await?, Ok(()));
+        not_carried(&client, at(SERVER, 8080), &server_accepts).await;
+        enrol(&session, &server, "demo", "server").await?;
+        eventually_carried(&client, at(SERVER, 8080), b"back", b"srvback").await;
+
+        // A crash: the rules stay, the pods' connections are refused until ztunnel is back.
         lab.crash_ztunnel(1);
-        assert!(captured(&client) && captured(&server), "rules survive a crash");
+        refused_while_unserved(&client, at(SERVER, 8080), &server_accepts).await;
         lab.start_ztunnel(1)?;
-        lab.wait_ztunnel(1).await?;
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let attempt = async { exchange(connect_in(&client, at(SERVER, 8080)).await?, b"again").await };
-            if attempt.await.is_ok_and(|r| r == b"srvagain") {
-                break;
-            }
-            assert!(Instant::now() < deadline, "no traffic after the restart within 15s");
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        let session = agent.accept().await?;
+        for (pod, namespace, name) in [(&client, "demo", "client"), (&server, "demo", "server")] {
+            let netns = NetNs::open(&pod.path())?;
+            assert_eq!(
+                session
+                    .add(&format!("uid-{name}"), namespace, name, name, Some(&netns))
+                    .await?,
+                Ok(())
+            );
         }
+        assert_eq!(session.snapshot_sent().await?, Ok(()));
+        lab.wait_ztunnel(1).await?;
+        eventually_carried(&client, at(SERVER, 8080), b"again", b"srvagain").await;
 
-        // A clean exit removes every rule it installed.
+        // A graceful stop leaves the rules too (fail closed): nothing gets around the mesh.
         let admin: SocketAddr = format!("{}:15000", lab.node_host(1)).parse()?;
         let mut stream = tokio::net::TcpStream::connect(admin).await?;
         tokio::io::AsyncWriteExt::write_all(
@@ -158,10 +244,21 @@ fn ztunnel_enrols_pods_in_their_own_namespaces() {
             b"POST /quitquitquit HTTP/1.1\r\nhost: lab\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
         )
         .await?;
-        eventually("rules removed on a clean exit", || {
-            !captured(&client) && !captured(&server)
-        })
-        .await;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while connect_in(&client, at(SERVER, 8080)).await.is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "ztunnel still serving 15s after a stop request"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        refused_while_unserved(&client, at(SERVER, 8080), &server_accepts).await;
+        assert!(
+            mesh_core::capture::installed(&NetNs::open(&client.path())?),
+            "rules survive a graceful stop"
+        );
+        drop(session);
+        let _ = std::fs::remove_file(&socket);
         Ok(())
     })
     .unwrap();

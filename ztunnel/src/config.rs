@@ -29,14 +29,19 @@ pub struct Config {
     /// SOCKS5 outbound listener (a local app names its destination instead of being redirected).
     #[arg(long, env = "ZTUNNEL_SOCKS5_ADDR")]
     pub socks5_addr: Option<SocketAddr>,
-    /// How pods' traffic reaches ztunnel: `inpod` (ztunnel finds each pod's network namespace,
-    /// installs capture rules and listens inside it) or `shared` (pods live in ztunnel's own
-    /// namespace; listeners on their addresses, capture arranged by whoever set them up).
+    /// How pods' traffic reaches ztunnel: `inpod` (the node agent hands each pod's network
+    /// namespace over ZDS, capture rules in place; ztunnel listens inside it) or `shared` (pods
+    /// live in ztunnel's own namespace; listeners on their addresses, capture arranged by whoever
+    /// set them up).
     #[arg(long, env = "ZTUNNEL_REDIRECT", value_enum, default_value = "inpod")]
     pub redirect: RedirectMode,
-    /// Where named network namespaces are kept (searched before those of running processes).
-    #[arg(long, env = "ZTUNNEL_NETNS_DIR", default_value = "/var/run/netns")]
-    pub netns_dir: PathBuf,
+    /// The node agent's ZDS socket (`inpod` mode), as Istio's ztunnel names it.
+    #[arg(long, env = "INPOD_UDS", default_value = mesh_core::zds::DEFAULT_SOCKET)]
+    pub zds_socket: PathBuf,
+    /// The mesh's trust domain: the identity of a pod the agent hands over is
+    /// spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>.
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
     /// SO_MARK on ztunnel's own connections, so capture rules that skip this mark let them pass.
     /// Default: 1337 (Istio's) in `inpod` mode, none in `shared` mode. Needs CAP_NET_ADMIN.
     #[arg(long, env = "ZTUNNEL_SOCKET_MARK")]

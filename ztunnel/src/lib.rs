@@ -1,9 +1,10 @@
-//! ztunnel: the node agent. xDS feeds [`state`]; [`certificates`] holds each local identity's
-//! certificate; [`listeners`] serves inbound HBONE for the workloads of this node; [`proxy`]
-//! carries connections both ways; [`socks5`] lets unredirected apps send outbound.
+//! ztunnel: the per-node proxy. xDS feeds [`state`]; [`certificates`] holds each local identity's
+//! certificate; [`inpod`] takes the pods the node agent hands over ZDS and [`listeners`] serves
+//! them; [`proxy`] carries connections both ways; [`socks5`] lets unredirected apps send outbound.
 
 pub mod config;
 pub mod config_dump;
+pub mod inpod;
 pub mod listeners;
 pub mod proxy;
 pub mod redirect;
@@ -25,7 +26,6 @@ use tracing::info;
 
 pub use config::Config;
 
-use crate::listeners::Enrolment;
 use crate::proxy::Context;
 use crate::proxy::metrics::TcpMetrics;
 use crate::redirect::{PodSockets, RedirectMode};
@@ -60,20 +60,11 @@ pub async fn run(config: Arc<Config>, signals: Signals, log: LogHandle) -> anyho
         &config.network,
     );
     context.metrics = TcpMetrics::register(&mut registry);
-    let enrolment = match config.redirect {
-        RedirectMode::Shared => {
-            context.sockets = Connector { mark: config.mark() }.shared();
-            Enrolment::Shared
-        }
-        RedirectMode::Inpod => {
-            let sockets = Arc::new(PodSockets::new(config.mark()));
-            context.sockets = sockets.clone();
-            Enrolment::Inpod {
-                sockets,
-                netns_dir: config.netns_dir.clone(),
-                mark: config.mark().unwrap_or(redirect::DEFAULT_MARK),
-            }
-        }
+    context.in_flight = Some(lifecycle.watch());
+    let pod_sockets = (config.redirect == RedirectMode::Inpod).then(|| Arc::new(PodSockets::new(config.mark())));
+    context.sockets = match &pod_sockets {
+        Some(pods) => pods.clone(),
+        None => Connector { mark: config.mark() }.shared(),
     };
     let context = Arc::new(context);
     let pool = Pool::new(PoolConfig {
@@ -81,14 +72,26 @@ pub async fn run(config: Arc<Config>, signals: Signals, log: LogHandle) -> anyho
         ..PoolConfig::default()
     });
     let outbound = Arc::new(proxy::outbound::Outbound::new(context.clone(), pool));
-    lifecycle.spawn(listeners::manage(
-        context.clone(),
-        outbound.clone(),
-        enrolment,
-        changes,
-        lifecycle.watch(),
-        Some(readiness.register("certificates")),
-    ));
+    match pod_sockets {
+        None => lifecycle.spawn(listeners::manage(
+            context.clone(),
+            outbound.clone(),
+            changes,
+            lifecycle.watch(),
+            Some(readiness.register("certificates")),
+        )),
+        Some(sockets) => {
+            let inpod = inpod::Inpod {
+                context: context.clone(),
+                outbound: outbound.clone(),
+                sockets,
+                socket: config.zds_socket.clone(),
+                trust_domain: config.trust_domain.clone(),
+            };
+            lifecycle.spawn(inpod.run(lifecycle.watch(), Some(readiness.register("node-agent"))));
+            lifecycle.spawn(listeners::follow_policies(context.clone(), changes));
+        }
+    }
 
     if let Some(address) = config.socks5_addr {
         let listener = tokio::net::TcpListener::bind(address)

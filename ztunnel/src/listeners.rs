@@ -1,15 +1,12 @@
-//! Enrolment of this node's workloads. Each HBONE workload scheduled here gets inbound HBONE
-//! (15008), inbound plaintext (15006) and outbound (15001) listeners, the last two fed by capture
-//! rules that redirect the workload's connections, and its certificate is prefetched. In `inpod`
-//! mode the listeners and rules live in the pod's network namespace ([`crate::redirect`]); in
-//! `shared` mode the listeners sit on the pod's address in ztunnel's own namespace. Workloads
-//! that leave (or stop being ambient) have their listeners drained, their rules removed and their
-//! certificate forgotten; a clean exit removes every rule.
+//! A pod's listeners: inbound HBONE (15008), inbound plaintext (15006) and outbound (15001), the
+//! last two fed by the capture rules that redirect the pod's connections. In `inpod` mode they
+//! live in the pod's network namespace, handed over by the node agent ([`crate::inpod`]); in
+//! `shared` mode they sit on the pod's address in ztunnel's own namespace, enrolled from xDS by
+//! [`manage`]: workloads that leave have their listeners drained and their certificate forgotten.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use mesh_core::admin::ReadyGuard;
@@ -23,15 +20,12 @@ use tracing::{debug, info, warn};
 
 use crate::proxy::outbound::Outbound;
 use crate::proxy::{Context, identity_of, inbound};
-use crate::redirect::netns::NetNs;
-use crate::redirect::{self, PodSockets, rules};
+use crate::redirect;
 use mesh_core::certificates::CertificateSource;
+use mesh_core::netns::NetNs;
 use mesh_core::state::ip_from_bytes;
 
-/// Outbound connections redirected from a workload (its netns' 15001).
-pub const OUTBOUND_PORT: u16 = 15001;
-/// Inbound plaintext connections redirected to a workload (15006).
-pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+pub use mesh_core::capture::{INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 
 /// The HBONE workloads of this node: address → identity.
 fn local_workloads<S>(context: &Context<S>) -> BTreeMap<IpAddr, SpiffeId> {
@@ -78,112 +72,77 @@ where
     }
 }
 
-/// Where a workload's listeners go.
-#[derive(Clone, Debug)]
-pub enum Enrolment {
-    Shared,
-    Inpod {
-        sockets: Arc<PodSockets>,
-        netns_dir: PathBuf,
-        mark: u32,
-    },
+/// The three listeners of one pod.
+#[derive(Debug)]
+pub struct PodListeners {
+    hbone: TcpListener,
+    plaintext: TcpListener,
+    outbound: TcpListener,
 }
 
-/// A workload being served.
-struct Enrolled {
-    identity: SpiffeId,
-    signal: drain::Signal,
-    netns: Option<Arc<NetNs>>,
-}
+impl PodListeners {
+    /// On the pod's address in ztunnel's own namespace (`shared` mode).
+    pub async fn bind_shared(ip: IpAddr) -> std::io::Result<Self> {
+        let bind = |port| TcpListener::bind(SocketAddr::new(ip, port));
+        Ok(Self {
+            hbone: bind(hbone::PORT).await?,
+            plaintext: bind(INBOUND_PLAINTEXT_PORT).await?,
+            outbound: bind(OUTBOUND_PORT).await?,
+        })
+    }
 
-impl Enrolment {
-    /// Opens the three listeners of the workload at `ip` (and in `inpod` mode finds its namespace
-    /// and installs its rules first); the namespace it used, if any.
-    async fn enrol<S: CertificateSource>(
-        &self,
+    /// Inside the pod's namespace, on every address. Blocking (briefly enters the namespace).
+    pub fn bind_in(netns: &NetNs) -> std::io::Result<Self> {
+        let bind = |port| redirect::listen_in(netns, SocketAddr::new(IpAddr::from([0, 0, 0, 0]), port));
+        Ok(Self {
+            hbone: bind(hbone::PORT)?,
+            plaintext: bind(INBOUND_PLAINTEXT_PORT)?,
+            outbound: bind(OUTBOUND_PORT)?,
+        })
+    }
+
+    /// Serves the pod until `watch` drains; the connections it accepted may outlive that.
+    pub fn serve<S: CertificateSource>(
+        self,
         context: &Arc<Context<S>>,
         outbound: &Arc<Outbound<S>>,
-        ip: IpAddr,
         watch: drain::Watch,
-    ) -> std::io::Result<Option<Arc<NetNs>>> {
-        let (listeners, netns) = match self {
-            Self::Shared => {
-                let bind = |port| TcpListener::bind(SocketAddr::new(ip, port));
-                (
-                    (
-                        bind(hbone::PORT).await?,
-                        bind(INBOUND_PLAINTEXT_PORT).await?,
-                        bind(OUTBOUND_PORT).await?,
-                    ),
-                    None,
-                )
-            }
-            Self::Inpod {
-                sockets,
-                netns_dir,
-                mark,
-            } => {
-                let (directory, mark) = (netns_dir.clone(), *mark);
-                let netns = tokio::task::spawn_blocking(move || {
-                    NetNs::find_by_ip(ip, &directory)
-                        .map(Arc::new)
-                        .ok_or_else(|| std::io::Error::other(format!("no network namespace holds {ip}")))
-                })
-                .await??;
-                // Listeners first, rules second: the pod's traffic is never redirected to nothing.
-                let any = SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 0);
-                let bind = |port| redirect::listen_in(&netns, SocketAddr::new(any.ip(), port));
-                let listeners = (bind(hbone::PORT)?, bind(INBOUND_PLAINTEXT_PORT)?, bind(OUTBOUND_PORT)?);
-                sockets.insert(ip, netns.clone());
-                let installed = netns.clone();
-                if let Err(error) = tokio::task::spawn_blocking(move || rules::install(&installed, mark)).await? {
-                    sockets.remove(ip);
-                    return Err(error);
-                }
-                (listeners, Some(netns))
-            }
-        };
-        let (hbone, plaintext, outgoing) = listeners;
-
+    ) {
         let handler_context = context.clone();
         let handler = move |request| inbound::handle_hbone(handler_context.clone(), request);
         let server = Server::new(inbound::WorkloadCertificates(context.clone()));
-        tokio::spawn(server.serve(hbone, handler, watch.clone()));
+        tokio::spawn(server.serve(self.hbone, handler, watch.clone()));
 
         let inbound_context = context.clone();
-        tokio::spawn(serve_redirected(plaintext, watch.clone(), move |stream, _, target| {
-            inbound::handle_plaintext(inbound_context.clone(), stream, target)
-        }));
+        tokio::spawn(serve_redirected(
+            self.plaintext,
+            watch.clone(),
+            move |stream, _, target| inbound::handle_plaintext(inbound_context.clone(), stream, target),
+        ));
 
         let outbound = outbound.clone();
-        tokio::spawn(serve_redirected(outgoing, watch, move |stream, peer, destination| {
-            let outbound = outbound.clone();
-            async move {
-                match outbound.open(peer, destination).await {
-                    // The copying gets a task of its own, sized for it alone.
-                    Ok(opened) => drop(tokio::spawn(opened.carry(stream))),
-                    // Refusals are logged where they happen; this only adds the final word.
-                    Err(error) => debug!(%peer, %destination, %error, "outbound connection failed"),
+        tokio::spawn(serve_redirected(
+            self.outbound,
+            watch,
+            move |stream, peer, destination| {
+                let outbound = outbound.clone();
+                async move {
+                    match outbound.open(peer, destination).await {
+                        // The copying gets a task of its own, sized for it alone.
+                        Ok(opened) => drop(tokio::spawn(opened.carry(stream))),
+                        // Refusals are logged where they happen; this only adds the final word.
+                        Err(error) => debug!(%peer, %destination, %error, "outbound connection failed"),
+                    }
                 }
-            }
-        }));
-        Ok(netns)
+            },
+        ));
     }
+}
 
-    /// Rules first, listeners second: no new connection is redirected to a listener that is
-    /// going away, and open ones finish while the listeners drain.
-    async fn unenrol(&self, ip: IpAddr, enrolled: Enrolled) {
-        if let (Self::Inpod { sockets, .. }, Some(netns)) = (self, enrolled.netns) {
-            let removed = tokio::task::spawn_blocking(move || rules::remove(&netns)).await;
-            if let Ok(Err(error)) = removed {
-                warn!(%ip, %error, "could not remove capture rules");
-            }
-            enrolled.signal.drain().await;
-            sockets.remove(ip);
-        } else {
-            enrolled.signal.drain().await;
-        }
-    }
+/// A workload being served (`shared` mode).
+struct Enrolled {
+    identity: SpiffeId,
+    signal: drain::Signal,
 }
 
 /// Keeps listeners in step with the state until `drain` fires. `certificates_ready` is released
@@ -191,7 +150,6 @@ impl Enrolment {
 pub async fn manage<S: CertificateSource>(
     context: Arc<Context<S>>,
     outbound: Arc<Outbound<S>>,
-    enrolment: Enrolment,
     mut changes: watch::Receiver<u64>,
     drain: drain::Watch,
     mut certificates_ready: Option<ReadyGuard>,
@@ -207,8 +165,7 @@ pub async fn manage<S: CertificateSource>(
             .collect::<Vec<_>>()
         {
             info!(%ip, identity = %enrolled.identity, "workload left this node or the mesh; unenrolling it");
-            let enrolment = enrolment.clone();
-            tokio::spawn(async move { enrolment.unenrol(ip, enrolled).await });
+            tokio::spawn(enrolled.signal.drain());
         }
         let kept: BTreeSet<&SpiffeId> = running.values().map(|e| &e.identity).chain(wanted.values()).collect();
         for identity in context.certificates.held().into_iter().map(|(id, _)| id) {
@@ -220,25 +177,16 @@ pub async fn manage<S: CertificateSource>(
             if running.contains_key(ip) {
                 continue;
             }
-            let (signal, watch) = drain::channel();
-            match enrolment.enrol(&context, &outbound, *ip, watch).await {
-                Ok(netns) => {
+            match PodListeners::bind_shared(*ip).await {
+                Ok(listeners) => {
+                    let (signal, watch) = drain::channel();
+                    listeners.serve(&context, &outbound, watch);
                     context.certificates.prefetch(identity);
-                    let place = netns.as_ref().map(|n| n.path().display().to_string());
-                    info!(%ip, %identity, netns = place.as_deref().unwrap_or("shared"), "enrolled a local workload");
-                    running.insert(
-                        *ip,
-                        Enrolled {
-                            identity: identity.clone(),
-                            signal,
-                            netns,
-                        },
-                    );
+                    info!(%ip, %identity, "enrolled a local workload");
+                    let identity = identity.clone();
+                    running.insert(*ip, Enrolled { identity, signal });
                 }
-                Err(error) => {
-                    tokio::spawn(signal.drain());
-                    warn!(%ip, %identity, %error, "cannot enrol this workload yet; retrying")
-                }
+                Err(error) => warn!(%ip, %identity, %error, "cannot enrol this workload yet; retrying"),
             }
         }
         // Policies may have changed: connections they now deny are closed.
@@ -266,8 +214,19 @@ pub async fn manage<S: CertificateSource>(
             _ = &mut drained => break,
         }
     }
-    for (ip, enrolled) in running {
-        enrolment.unenrol(ip, enrolled).await;
+    for enrolled in running.into_values() {
+        enrolled.signal.drain().await;
+    }
+}
+
+/// Closes the connections a policy change denies, whenever the state changes (`inpod` mode;
+/// [`manage`] does it in `shared` mode).
+pub async fn follow_policies<S>(context: Arc<Context<S>>, mut changes: watch::Receiver<u64>) {
+    while changes.changed().await.is_ok() {
+        let revoked = context.recheck_connections();
+        if revoked > 0 {
+            info!(revoked, "closed connections that policy now denies");
+        }
     }
 }
 

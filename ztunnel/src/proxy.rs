@@ -31,6 +31,8 @@ pub struct Context<S> {
     /// Creates the sockets of connections to apps and peers (in the right pod's namespace,
     /// marked so capture rules skip them).
     pub sockets: Arc<dyn SocketFactory>,
+    /// Held by every open connection, so a graceful stop waits for them (up to its deadline).
+    pub in_flight: Option<drain::Watch>,
 }
 
 impl<S> Context<S> {
@@ -43,6 +45,7 @@ impl<S> Context<S> {
             metrics: metrics::TcpMetrics::default(),
             connections: Arc::default(),
             sockets: Connector::default().shared(),
+            in_flight: None,
         }
     }
 

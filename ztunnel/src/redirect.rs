@@ -1,10 +1,7 @@
-//! In-pod redirection: ztunnel enrols each ambient pod of its node itself. It finds the pod's
-//! network namespace by the pod's IP, installs capture rules there ([`rules`]), and opens its
-//! listeners (15001, 15006, 15008) inside it; the connections it makes for the pod are created
-//! there too ([`PodSockets`]), marked so the rules let them pass.
-
-pub mod netns;
-pub mod rules;
+//! In-pod redirection: the node agent has installed the capture rules in a pod's network
+//! namespace and handed the namespace over ZDS ([`crate::inpod`]); ztunnel opens the pod's
+//! listeners (15001, 15006, 15008) inside it, and the connections it makes for the pod are
+//! created there too ([`PodSockets`]), marked so the rules let them pass.
 
 use std::collections::HashMap;
 use std::io;
@@ -14,20 +11,20 @@ use std::sync::{Arc, RwLock};
 use mesh_core::net::{SocketFactory, prepare};
 use tokio::net::{TcpListener, TcpSocket};
 
-use self::netns::NetNs;
+use mesh_core::netns::NetNs;
 
 /// How a pod's traffic reaches ztunnel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum RedirectMode {
-    /// ztunnel enrols each pod: rules and listeners inside the pod's network namespace.
+    /// The node agent hands each pod's network namespace over ZDS (rules already in place);
+    /// ztunnel listens inside it.
     Inpod,
     /// Pods share ztunnel's network namespace (a lab on loopback addresses): listeners on each
     /// pod's address, capture left to whoever set the addresses up.
     Shared,
 }
 
-/// The mark Istio's rules skip (0x539).
-pub const DEFAULT_MARK: u32 = 1337;
+pub use mesh_core::capture::DEFAULT_MARK;
 
 /// Creates each socket in the network namespace of the pod it serves: the source pod for its
 /// outbound connections, the destination pod for connections to its app.
@@ -79,9 +76,24 @@ impl SocketFactory for PodSockets {
     }
 }
 
-/// Binds a listener on `address` inside `netns`.
+/// Pending connections a pod's listener queues (SYN bursts are common at pod start).
+const BACKLOG: i32 = 1024;
+
+/// Binds a listener on `address` inside `netns`. SO_REUSEPORT lets the ztunnel that replaces
+/// this one (an upgrade) listen beside it before this one stops accepting.
 pub fn listen_in(netns: &NetNs, address: SocketAddr) -> io::Result<TcpListener> {
-    let listener = netns.run(|| std::net::TcpListener::bind(address))??;
-    listener.set_nonblocking(true)?;
-    TcpListener::from_std(listener)
+    let socket = netns.run(|| {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(address),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.bind(&address.into())?;
+        socket.listen(BACKLOG)?;
+        Ok::<_, io::Error>(socket)
+    })??;
+    socket.set_nonblocking(true)?;
+    TcpListener::from_std(socket.into())
 }

@@ -55,7 +55,9 @@ impl Authenticator for TokenReviewer {
         let status = reviewed.status.unwrap_or_default();
         if status.authenticated != Some(true) {
             let why = status.error.unwrap_or_else(|| "no reason given".to_owned());
-            return Err(Refusal::Unknown(format!("the Kubernetes API did not authenticate the token: {why}")));
+            return Err(Refusal::Unknown(format!(
+                "the Kubernetes API did not authenticate the token: {why}"
+            )));
         }
         // An API server that ignores audiences answers without them; one that honours them
         // returns the ones the token is valid for, which must be ours.
@@ -132,7 +134,11 @@ mod tests {
 
     #[test]
     fn users_that_are_not_service_accounts_are_refused() {
-        for username in ["kubernetes-admin", "system:serviceaccount:", "system:serviceaccount:ns:"] {
+        for username in [
+            "kubernetes-admin",
+            "system:serviceaccount:",
+            "system:serviceaccount:ns:",
+        ] {
             let user = UserInfo {
                 username: Some(username.into()),
                 ..Default::default()

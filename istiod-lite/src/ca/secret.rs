@@ -74,7 +74,11 @@ pub async fn load_or_create(
         Ok(_) => Ok((authority, Origin::Created, SELF_SIGNED)),
         Err(kube::Error::Api(status)) if status.is_already_exists() => {
             let secret = secrets.get(SELF_SIGNED).await.map_err(api(SELF_SIGNED))?;
-            Ok((authority_from(&secret, namespace, SELF_SIGNED)?, Origin::Loaded, SELF_SIGNED))
+            Ok((
+                authority_from(&secret, namespace, SELF_SIGNED)?,
+                Origin::Loaded,
+                SELF_SIGNED,
+            ))
         }
         Err(error) => Err(api(SELF_SIGNED)(error)),
     }
@@ -167,7 +171,9 @@ mod tests {
     fn a_missing_key_is_named() {
         let mut secret = secret_of(&Authority::self_signed("cluster.local").unwrap(), "istio-system");
         secret.data.as_mut().unwrap().remove(CA_KEY);
-        let error = authority_from(&secret, "istio-system", PLUGGED_IN).unwrap_err().to_string();
+        let error = authority_from(&secret, "istio-system", PLUGGED_IN)
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             error,
             "CA secret istio-system/cacerts: key ca-key.pem is missing or not UTF-8 PEM"

@@ -138,7 +138,10 @@ impl Istiod {
             {
                 return line.clone();
             }
-            assert!(Instant::now() < deadline, "no log line with {parts:?} within {within:?}");
+            assert!(
+                Instant::now() < deadline,
+                "no log line with {parts:?} within {within:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

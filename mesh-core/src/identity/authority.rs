@@ -226,7 +226,10 @@ fn check_csr_algorithms(csr_pem: &str) -> Result<(), AuthorityError> {
         .map_err(|e| unreadable(e.to_string()))?;
     let key = &csr.certification_request_info.subject_pki.algorithm;
     if key.algorithm != OID_KEY_TYPE_EC_PUBLIC_KEY {
-        return Err(AuthorityError::CsrAlgorithm(format!("the key is not an EC key (algorithm {})", key.algorithm)));
+        return Err(AuthorityError::CsrAlgorithm(format!(
+            "the key is not an EC key (algorithm {})",
+            key.algorithm
+        )));
     }
     let curve = key.parameters.as_ref().and_then(|p| p.as_oid().ok());
     match curve {
@@ -252,7 +255,9 @@ fn check_csr_algorithms(csr_pem: &str) -> Result<(), AuthorityError> {
         } else {
             signature.to_string()
         };
-        return Err(AuthorityError::CsrAlgorithm(format!("the key is P-256 but the request is signed with {name}")));
+        return Err(AuthorityError::CsrAlgorithm(format!(
+            "the key is P-256 but the request is signed with {name}"
+        )));
     }
     Ok(())
 }

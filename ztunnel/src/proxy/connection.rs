@@ -92,10 +92,12 @@ impl Description {
     }
 
     /// Counts the connection as opened; its counters then follow the bytes.
-    pub fn open(self, metrics: &TcpMetrics) -> Accounting {
+    /// Counts the connection open; `in_flight`, held until it closes, makes a drain wait for it.
+    pub fn open(self, metrics: &TcpMetrics, in_flight: Option<drain::Watch>) -> Accounting {
         let labels = self.labels(ResponseFlags::None);
         metrics.opened.get_or_create(&labels).inc();
         Accounting {
+            _in_flight: in_flight,
             received: metrics.received.get_or_create(&labels).clone(),
             sent: metrics.sent.get_or_create(&labels).clone(),
             closed: metrics.closed.get_or_create(&labels).clone(),
@@ -115,6 +117,7 @@ pub struct Accounting {
     pub sent: Counter,
     closed: Counter,
     started: Instant,
+    _in_flight: Option<drain::Watch>,
 }
 
 impl Accounting {

@@ -155,7 +155,7 @@ async fn serve<S: CertificateSource>(
         Client::Plaintext(stream) => Accepted::Plaintext(stream),
     };
     let registration = context.connections.register(&workload, &connection);
-    let accounting = description.open(&context.metrics);
+    let accounting = description.open(&context.metrics, context.in_flight.clone());
     // The copying gets a task of its own, sized for it alone: an idle connection holds no setup state.
     tokio::spawn(carry(client, app, accounting, registration));
 }

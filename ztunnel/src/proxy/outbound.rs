@@ -316,7 +316,7 @@ impl<S: CertificateSource> Outbound<S> {
             }
         };
         Ok(Opened {
-            accounting: description.open(metrics),
+            accounting: description.open(metrics, self.context.in_flight.clone()),
             upstream,
         })
     }

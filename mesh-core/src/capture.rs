@@ -1,19 +1,27 @@
 //! The capture rules inside a pod's network namespace, as one nftables table so they are applied
 //! and removed atomically: outbound TCP leaving the pod goes to ztunnel's 15001; inbound TCP from
 //! outside, except HBONE (15008), to its 15006. Traffic within the pod (over `lo`) and ztunnel's
-//! own marked sockets are left alone.
+//! own marked sockets are left alone. The node agent installs them before ztunnel holds the pod
+//! and removes them only when the pod leaves the mesh: while no ztunnel listens, captured
+//! connections are refused, never sent around it.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use super::netns::NetNs;
-use crate::listeners::{INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+use crate::netns::NetNs;
+
+/// Outbound connections redirected from a pod (its netns' 15001).
+pub const OUTBOUND_PORT: u16 = 15001;
+/// Inbound plaintext connections redirected to a pod (15006).
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+/// The mark Istio's rules skip (0x539): ztunnel's own sockets.
+pub const DEFAULT_MARK: u32 = 1337;
 
 pub const TABLE: &str = "ztunnel";
 
 /// The table for a pod; replacing an existing one in the same transaction makes this idempotent.
 pub fn table(mark: u32) -> String {
-    let hbone = mesh_core::hbone::PORT;
+    let hbone = crate::hbone::PORT;
     format!(
         "table inet {TABLE}
 delete table inet {TABLE}

@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 use std::fs::File;
 use std::io;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -34,6 +35,42 @@ impl NetNs {
             path: path.to_owned(),
             id: (metadata.dev(), metadata.ino()),
         })
+    }
+
+    /// A namespace handed over as a descriptor (by the node agent over ZDS); `label` names it in
+    /// logs. Fails when the descriptor is not a network namespace.
+    pub fn from_fd(fd: OwnedFd, label: impl Into<PathBuf>) -> io::Result<Self> {
+        let file = File::from(fd);
+        let metadata = file.metadata()?;
+        let netns = Self {
+            file,
+            path: label.into(),
+            id: (metadata.dev(), metadata.ino()),
+        };
+        // Entering it proves what it is: setns refuses anything but a network namespace.
+        netns.run(|| ())?;
+        Ok(netns)
+    }
+
+    /// The descriptor, to hand the namespace to another process.
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+
+    /// The addresses of the namespace's interfaces, loopback left out. Blocking.
+    pub fn addresses(&self) -> io::Result<Vec<IpAddr>> {
+        let addresses = self.run(nix::ifaddrs::getifaddrs)?.map_err(io::Error::from)?;
+        Ok(addresses
+            .filter_map(|a| {
+                let address = a.address?;
+                let ip = match (address.as_sockaddr_in(), address.as_sockaddr_in6()) {
+                    (Some(v4), _) => IpAddr::V4(v4.ip()),
+                    (_, Some(v6)) => IpAddr::V6(v6.ip()),
+                    _ => return None,
+                };
+                (!ip.is_loopback() && !matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local())).then_some(ip)
+            })
+            .collect())
     }
 
     /// The calling thread's namespace.
