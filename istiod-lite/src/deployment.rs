@@ -12,6 +12,8 @@
 //! every write checks the flag again just before it is sent.
 
 pub mod class;
+#[cfg(test)]
+mod fake;
 pub mod overlay;
 pub mod reconcile;
 pub mod render;
@@ -78,15 +80,6 @@ pub enum Error {
     /// and retried only when the Gateway or its ConfigMap changes.
     #[error("{0}")]
     InvalidParameters(String),
-    /// A desired object could not be encoded (a bug, not a cluster state).
-    #[error("encode {kind} {namespace}/{name}: {source}")]
-    Encode {
-        kind: &'static str,
-        namespace: String,
-        name: String,
-        #[source]
-        source: serde_json::Error,
-    },
     /// Leadership was lost between deciding and writing; nothing was written.
     #[error("not the leader any more: not writing {kind} {namespace}/{name}")]
     NotLeading {
@@ -112,17 +105,18 @@ pub async fn run(client: kube::Client, settings: Settings, mut leading: watch::R
         }
         info!("leading: deploying waypoints");
         let mut lost = leading.clone();
-        tokio::select! {
-            _ = work(client.clone(), settings.clone(), leading.clone()) => {
+        // `Some(true)`: leadership lost; `Some(false)`: the sender is gone; `None`: work ended.
+        let lost = tokio::select! {
+            _ = work(client.clone(), settings.clone(), leading.clone()) => None,
+            lost = async { lost.wait_for(|leading| !*leading).await.is_ok() } => Some(lost),
+        };
+        match lost {
+            Some(true) => info!("not leading any more: stopped deploying waypoints"),
+            Some(false) => return,
+            None => {
                 // The watches retry forever, so this is not expected; start over after a pause.
                 warn!("waypoint deployment controller stopped; restarting");
                 tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            changed = lost.wait_for(|leading| !*leading) => {
-                if changed.is_err() {
-                    return;
-                }
-                info!("not leading any more: stopped deploying waypoints");
             }
         }
     }
@@ -145,7 +139,12 @@ async fn work(client: kube::Client, settings: Settings, leading: watch::Receiver
 }
 
 /// Fails with [`Error::NotLeading`] unless we still lead: checked right before each write.
-fn still_leading(leading: &watch::Receiver<bool>, kind: &'static str, namespace: &str, name: &str) -> Result<(), Error> {
+fn still_leading(
+    leading: &watch::Receiver<bool>,
+    kind: &'static str,
+    namespace: &str,
+    name: &str,
+) -> Result<(), Error> {
     if *leading.borrow() {
         Ok(())
     } else {
@@ -154,5 +153,101 @@ fn still_leading(leading: &watch::Receiver<bool>, kind: &'static str, namespace:
             namespace: namespace.to_owned(),
             name: name.to_owned(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::deployment::fake::FakeApi;
+
+    const GATEWAY: &str = "/apis/gateway.networking.k8s.io/v1/namespaces/demo/gateways/waypoint";
+    const DEPLOYMENT: &str = "/apis/apps/v1/namespaces/demo/deployments/waypoint";
+    const CLASS: &str = "/apis/gateway.networking.k8s.io/v1/gatewayclasses/istio-waypoint";
+
+    /// Polls `check` (time is paused, so waiting costs nothing) until it holds; gives up after
+    /// 20 virtual or real seconds (a busy loop would never let virtual time pass).
+    async fn eventually(what: &str, check: impl Fn() -> bool) {
+        let started = std::time::Instant::now();
+        for _ in 0..400 {
+            if check() {
+                return;
+            }
+            assert!(started.elapsed() < Duration::from_secs(20), "never: {what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("never: {what}");
+    }
+
+    fn condition(fake: &FakeApi, path: &str, kind: &str) -> Option<String> {
+        let object = fake.get(path)?;
+        let conditions = object["status"]["conditions"].as_array()?.clone();
+        let found = conditions.into_iter().find(|c| c["type"] == kind)?;
+        Some(format!("{}/{}", found["status"].as_str()?, found["reason"].as_str()?))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deploys_only_while_leading_and_follows_changes_to_what_it_owns() {
+        let fake = FakeApi::default();
+        fake.put(
+            GATEWAY,
+            json!({
+                "apiVersion": "gateway.networking.k8s.io/v1",
+                "kind": "Gateway",
+                "metadata": {"name": "waypoint", "namespace": "demo", "uid": "gw-uid", "generation": 1, "resourceVersion": "1"},
+                "spec": {"gatewayClassName": "istio-waypoint"},
+            }),
+        );
+        let (leading, follower) = watch::channel(false);
+        let running = tokio::spawn(run(fake.client(), Settings::default(), follower));
+
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(
+            fake.calls().is_empty(),
+            "a follower does not even watch: {:?}",
+            fake.calls()
+        );
+
+        leading.send(true).unwrap();
+        eventually("the waypoint is programmed", || {
+            condition(&fake, GATEWAY, "Programmed").as_deref() == Some("True/Programmed")
+        })
+        .await;
+        eventually("the class is created and accepted", || {
+            condition(&fake, CLASS, "Accepted").as_deref() == Some("True/Accepted")
+        })
+        .await;
+        assert!(fake.get(DEPLOYMENT).is_some());
+
+        // Someone deletes the Deployment: the watch brings it back.
+        let writes = fake.writes().len();
+        assert!(fake.delete(DEPLOYMENT) > 0, "the controller watches Deployments");
+        eventually("the Deployment is applied again", || fake.get(DEPLOYMENT).is_some()).await;
+        let since = fake.writes()[writes..].to_vec();
+        assert!(since.contains(&format!("PATCH {DEPLOYMENT}")), "{since:?}");
+        assert!(
+            !since.iter().any(|w| w.ends_with("/status")),
+            "the status did not change: {since:?}"
+        );
+
+        // Leadership lost: the watches close at once and a deletion is no longer repaired.
+        leading.send(false).unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let writes = fake.writes();
+        assert_eq!(fake.delete(DEPLOYMENT), 0, "no watch is open any more");
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(fake.writes(), writes, "no write after losing the lead");
+
+        // Leading again: it resumes.
+        leading.send(true).unwrap();
+        eventually("the Deployment is back", || fake.get(DEPLOYMENT).is_some()).await;
+
+        drop(leading);
+        tokio::time::timeout(Duration::from_secs(5), running)
+            .await
+            .expect("run returns when the leadership sender is dropped")
+            .unwrap();
     }
 }

@@ -89,8 +89,7 @@ pub async fn run(config: Arc<Config>, signals: Signals, log: LogHandle) -> anyho
     if let Some(client) = &kube {
         let (leading, elected) = tokio::sync::watch::channel(false);
         lifecycle.spawn(leader::run(client.clone(), config.lease(), leading));
-        // DEPLOYMENT-WIP lifecycle.spawn(deployment::run(client.clone(), config.deployment(), elected));
-        drop(elected);
+        lifecycle.spawn(deployment::run(client.clone(), config.deployment(), elected));
     }
 
     let lifetimes = ca::Lifetimes {

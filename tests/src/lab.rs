@@ -23,11 +23,19 @@ pub struct Lab {
     istiod: Option<tokio::runtime::Runtime>,
     istiod_config: Option<Arc<istiod_lite::Config>>,
     /// Each ztunnel too, so one can crash and restart.
-    ztunnels: Vec<(Arc<ztunnel::Config>, Option<tokio::runtime::Runtime>)>,
+    ztunnels: Vec<(Arc<ztunnel::Config>, Option<Running>)>,
     waypoints: Vec<tokio::runtime::Runtime>,
 }
 
+/// Logs of the in-process components: none, unless `MESH_TESTS_LOG` holds a filter (e.g.
+/// `info` or `ztunnel=debug`), for a scenario being debugged.
 fn quiet_log() -> LogHandle {
+    if let Ok(filter) = std::env::var("MESH_TESTS_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     let args = LogArgs {
         log_format: LogFormat::Text,
         log_level: "warn".into(),
@@ -80,33 +88,8 @@ impl Lab {
         ])?;
         lab.istiod_config = Some(Arc::new(config));
         lab.start_istiod().await?;
-        for (index, node) in nodes.iter().enumerate() {
-            let host = lab.node_host(index + 1);
-            let redirect = if ztunnel_args.iter().any(|a| a.starts_with("--redirect")) {
-                None
-            } else {
-                // Pods are loopback addresses in ztunnel's own namespace.
-                Some("--redirect=shared".to_owned())
-            };
-            let config = ztunnel::Config::try_parse_from(
-                [
-                    "ztunnel".to_owned(),
-                    format!("--node-name={node}"),
-                    format!("--xds-address=http://{istiod}"),
-                    format!("--root-cert={}", lab.dir.join("ca/root-cert.pem").display()),
-                    format!("--token-file={}", lab.dir.join("tokens").join(node).display()),
-                    format!("--socks5-addr={host}:1080"),
-                    format!("--admin-addr={host}:15000"),
-                    format!("--metrics-addr={host}:15020"),
-                    format!("--readiness-addr={host}:15021"),
-                    "--drain-deadline=1s".to_owned(),
-                ]
-                .into_iter()
-                .chain(redirect)
-                .chain(ztunnel_args.iter().cloned()),
-            )?;
-            lab.ztunnels.push((Arc::new(config), None));
-            lab.start_ztunnel(index + 1)?;
+        for node in nodes {
+            lab.add_ztunnel(node, ztunnel_args)?;
         }
         for index in 1..=nodes.len() {
             lab.wait_ready(format!("{}:15021", lab.node_host(index)).parse()?)
@@ -120,7 +103,7 @@ impl Lab {
     pub async fn start_istiod(&mut self) -> anyhow::Result<()> {
         let config = self.istiod_config.clone().expect("set by start");
         let readiness: SocketAddr = format!("127.{}.0.1:15021", self.base).parse()?;
-        let runtime = on_own_runtime(1, "istiod-lite", move || {
+        let (runtime, _) = on_own_runtime(1, "istiod-lite", move || {
             let config = config.clone();
             async move { istiod_lite::run(config, Signals::install()?, quiet_log()).await }
         })?;
@@ -132,18 +115,59 @@ impl Lab {
     pub fn start_ztunnel(&mut self, index: usize) -> anyhow::Result<()> {
         let (config, running) = &mut self.ztunnels[index - 1];
         let config = config.clone();
-        let runtime = on_own_runtime(2, "ztunnel", move || {
+        *running = Some(on_own_runtime(2, "ztunnel", move || {
             let config = config.clone();
             async move { ztunnel::run(config, Signals::install()?, quiet_log()).await }
-        })?;
-        *running = Some(runtime);
+        })?);
         Ok(())
     }
 
-    /// Stops the ztunnel of node `index` at once, as a crash would: no cleanup runs.
+    /// Adds a ztunnel for `node` (a second one for a node shows an upgrade) with its own
+    /// endpoints, starts it without waiting, and returns its index.
+    pub fn add_ztunnel(&mut self, node: &str, ztunnel_args: &[String]) -> anyhow::Result<usize> {
+        let index = self.ztunnels.len() + 1;
+        let host = self.node_host(index);
+        let istiod = self.istiod_address();
+        let own = |flag: &str| ztunnel_args.iter().any(|a| a.starts_with(flag));
+        // Pods are loopback addresses in ztunnel's own namespace unless the scenario says otherwise.
+        let redirect = (!own("--redirect")).then(|| "--redirect=shared".to_owned());
+        let drain = (!own("--drain-deadline")).then(|| "--drain-deadline=1s".to_owned());
+        let config = ztunnel::Config::try_parse_from(
+            [
+                "ztunnel".to_owned(),
+                format!("--node-name={node}"),
+                format!("--xds-address=http://{istiod}"),
+                format!("--root-cert={}", self.dir.join("ca/root-cert.pem").display()),
+                format!("--token-file={}", self.dir.join("tokens").join(node).display()),
+                format!("--socks5-addr={host}:1080"),
+                format!("--admin-addr={host}:15000"),
+                format!("--metrics-addr={host}:15020"),
+                format!("--readiness-addr={host}:15021"),
+            ]
+            .into_iter()
+            .chain(redirect)
+            .chain(drain)
+            .chain(ztunnel_args.iter().cloned()),
+        )?;
+        self.ztunnels.push((Arc::new(config), None));
+        self.start_ztunnel(index)?;
+        Ok(index)
+    }
+
+    /// Whether the ztunnel at `index` has exited by itself (after a stop request).
+    pub fn ztunnel_exited(&self, index: usize) -> bool {
+        self.ztunnels[index - 1]
+            .1
+            .as_ref()
+            .is_some_and(|(_, exited)| exited.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    /// Stops the ztunnel of node `index` at once, as a crash would: no cleanup runs. Returns
+    /// once its sockets are closed (a runtime's tasks are dropped on its own threads).
     pub fn crash_ztunnel(&mut self, index: usize) {
-        if let Some(runtime) = self.ztunnels[index - 1].1.take() {
-            runtime.shutdown_background();
+        if let Some((runtime, _)) = self.ztunnels[index - 1].1.take() {
+            let stopping = std::thread::spawn(move || runtime.shutdown_timeout(Duration::from_secs(5)));
+            let _ = stopping.join();
         }
     }
 
@@ -179,10 +203,13 @@ impl Lab {
             "--drain-deadline=1s".to_owned(),
         ])?;
         let config = Arc::new(config);
-        self.waypoints.push(on_own_runtime(1, "waypoint", move || {
-            let config = config.clone();
-            async move { waypoint::run(config, Signals::install()?, quiet_log()).await }
-        })?);
+        self.waypoints.push(
+            on_own_runtime(1, "waypoint", move || {
+                let config = config.clone();
+                async move { waypoint::run(config, Signals::install()?, quiet_log()).await }
+            })?
+            .0,
+        );
         self.wait_ready(format!("{ip}:15021").parse()?).await
     }
 
@@ -360,7 +387,10 @@ pub async fn exchange(mut stream: TcpStream, data: &[u8]) -> anyhow::Result<Vec<
 
 /// Runs a component on a runtime of its own (so it can be stopped at once, as a crash would),
 /// retrying for 10 s while it fails to start: a stopped predecessor's ports take a moment to free.
-fn on_own_runtime<F, Fut>(threads: usize, what: &'static str, start: F) -> anyhow::Result<tokio::runtime::Runtime>
+/// A component on a runtime of its own, and whether it has returned (a clean exit).
+type Running = (tokio::runtime::Runtime, Arc<std::sync::atomic::AtomicBool>);
+
+fn on_own_runtime<F, Fut>(threads: usize, what: &'static str, start: F) -> anyhow::Result<Running>
 where
     F: Fn() -> Fut + Send + 'static,
     Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
@@ -370,16 +400,18 @@ where
         .enable_all()
         .build()?;
     let deadline = Instant::now() + Duration::from_secs(10);
+    let exited = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = exited.clone();
     runtime.spawn(async move {
         loop {
             match start().await {
-                Ok(()) => return,
+                Ok(()) => return done.store(true, std::sync::atomic::Ordering::SeqCst),
                 Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
                 Err(error) => panic!("{what}: {error:#}"),
             }
         }
     });
-    Ok(runtime)
+    Ok((runtime, exited))
 }
 
 /// A GET with `connection: close`: status and body.

@@ -72,6 +72,18 @@ impl ZdsSession {
         self.ask(Payload::Add(add), netns).await
     }
 
+    /// What the agent does for a new pod: its capture rules, then its namespace over ZDS (uid
+    /// `uid-<name>`, service account `<name>`); fails unless the ack is empty.
+    pub async fn capture(&self, netns_path: &Path, namespace: &str, name: &str) -> anyhow::Result<()> {
+        let netns = NetNs::open(netns_path)?;
+        mesh_core::capture::install(&netns, mesh_core::capture::DEFAULT_MARK)?;
+        let acked = self
+            .add(&format!("uid-{name}"), namespace, name, name, Some(&netns))
+            .await?;
+        anyhow::ensure!(acked.is_ok(), "ztunnel refused {name}: {acked:?}");
+        Ok(())
+    }
+
     pub async fn keep(&self, uid: &str) -> anyhow::Result<Result<(), String>> {
         self.ask(Payload::Keep(KeepWorkload { uid: uid.to_owned() }), None)
             .await

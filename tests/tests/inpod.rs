@@ -19,7 +19,7 @@ use mesh_lab::topology::{self, Namespace};
 use mesh_tests::greeting_echo_app_on;
 use mesh_tests::lab::{Lab, connect_in, exchange, http_get, listen_in, pod_yaml};
 use mesh_tests::netns;
-use mesh_tests::zds_peer::{ZdsPeer, ZdsSession};
+use mesh_tests::zds_peer::ZdsPeer;
 
 const BASE: u8 = 73;
 const CLIENT: &str = "10.73.0.1";
@@ -57,17 +57,6 @@ async fn inbound_from(lab: &Lab, source: &str, security: &str) -> bool {
             && l.contains(&format!("source_workload=\"{source}\""))
             && l.contains(&format!("connection_security_policy=\"{security}\""))
     })
-}
-
-/// What the agent does for a pod: its rules, then the namespace over ZDS; the ack must be empty.
-async fn enrol(session: &ZdsSession, pod: &Namespace, namespace: &str, name: &str) -> anyhow::Result<()> {
-    let netns = NetNs::open(&pod.path())?;
-    mesh_core::capture::install(&netns, mesh_core::capture::DEFAULT_MARK)?;
-    let acked = session
-        .add(&format!("uid-{name}"), namespace, name, name, Some(&netns))
-        .await?;
-    anyhow::ensure!(acked.is_ok(), "ztunnel refused {name}: {acked:?}");
-    Ok(())
 }
 
 /// A connection from `pod` to `to` while nothing serves the pod: refused by the kernel (the rules
@@ -151,8 +140,8 @@ fn the_agent_hands_pods_to_ztunnel_over_zds() {
         let session = agent.accept().await?;
         assert_eq!(session.snapshot_sent().await?, Ok(()));
         let mut lab = lab.await??;
-        enrol(&session, &client, "demo", "client").await?;
-        enrol(&session, &server, "demo", "server").await?;
+        session.capture(&client.path(), "demo", "client").await?;
+        session.capture(&server.path(), "demo", "server").await?;
 
         // Ambient → ambient: captured in the client's namespace, HBONE into the server's.
         let received = exchange(connect_in(&client, at(SERVER, 8080)).await?, b"hello").await?;
@@ -176,7 +165,7 @@ fn the_agent_hands_pods_to_ztunnel_over_zds() {
         // A pod added later (its namespace labelled) is captured at once: its very first
         // connection is mTLS.
         lab.write_config("lab.yaml", &manifests(true))?;
-        enrol(&session, &legacy, "legacy", "legacy").await?;
+        session.capture(&legacy.path(), "legacy", "legacy").await?;
         let received = exchange(connect_in(&legacy, at(SERVER, 8080)).await?, b"tls").await?;
         assert_eq!(received, b"srvtls");
         assert!(
@@ -215,7 +204,7 @@ fn the_agent_hands_pods_to_ztunnel_over_zds() {
         );
         assert_eq!(session.snapshot_sent().await?, Ok(()));
         not_carried(&client, at(SERVER, 8080), &server_accepts).await;
-        enrol(&session, &server, "demo", "server").await?;
+        session.capture(&server.path(), "demo", "server").await?;
         eventually_carried(&client, at(SERVER, 8080), b"back", b"srvback").await;
 
         // A crash: the rules stay, the pods' connections are refused until ztunnel is back.

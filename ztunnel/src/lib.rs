@@ -60,13 +60,15 @@ pub async fn run(config: Arc<Config>, signals: Signals, log: LogHandle) -> anyho
         &config.network,
     );
     context.metrics = TcpMetrics::register(&mut registry);
-    context.in_flight = Some(lifecycle.watch());
     let pod_sockets = (config.redirect == RedirectMode::Inpod).then(|| Arc::new(PodSockets::new(config.mark())));
     context.sockets = match &pod_sockets {
         Some(pods) => pods.clone(),
         None => Connector { mark: config.mark() }.shared(),
     };
     let context = Arc::new(context);
+    let watch = lifecycle.watch();
+    let tracking = context.clone();
+    lifecycle.spawn(async move { tracking.track_in_flight(watch).await });
     let pool = Pool::new(PoolConfig {
         sockets: context.sockets.clone(),
         ..PoolConfig::default()

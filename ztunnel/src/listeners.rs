@@ -92,7 +92,14 @@ impl PodListeners {
     }
 
     /// Inside the pod's namespace, on every address. Blocking (briefly enters the namespace).
+    /// Connections queued on a listener that closes move to another of its port
+    /// (`tcp_migrate_req`), so a ztunnel handing over to its successor drops none.
     pub fn bind_in(netns: &NetNs) -> std::io::Result<Self> {
+        // /proc/sys/net is the namespace of the thread that opens it.
+        let migrate = netns.run(|| std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1"))?;
+        if let Err(error) = migrate {
+            warn!(netns = %netns.path().display(), %error, "cannot enable tcp_migrate_req: a handover may reset queued connections");
+        }
         let bind = |port| redirect::listen_in(netns, SocketAddr::new(IpAddr::from([0, 0, 0, 0]), port));
         Ok(Self {
             hbone: bind(hbone::PORT)?,

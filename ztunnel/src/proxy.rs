@@ -31,8 +31,9 @@ pub struct Context<S> {
     /// Creates the sockets of connections to apps and peers (in the right pod's namespace,
     /// marked so capture rules skip them).
     pub sockets: Arc<dyn SocketFactory>,
-    /// Held by every open connection, so a graceful stop waits for them (up to its deadline).
-    pub in_flight: Option<drain::Watch>,
+    /// Every open connection holds a token of it, so a graceful stop waits for them (up to its
+    /// deadline): see [`Context::track_in_flight`].
+    pub in_flight: tokio_util::task::TaskTracker,
 }
 
 impl<S> Context<S> {
@@ -45,8 +46,20 @@ impl<S> Context<S> {
             metrics: metrics::TcpMetrics::default(),
             connections: Arc::default(),
             sockets: Connector::default().shared(),
-            in_flight: None,
+            in_flight: tokio_util::task::TaskTracker::new(),
         }
+    }
+
+    /// Holds `drain` until every open connection has ended once draining started.
+    pub async fn track_in_flight(&self, drain: drain::Watch) {
+        let release = drain.signaled().await;
+        self.in_flight.close();
+        let open = self.in_flight.len();
+        if open > 0 {
+            tracing::info!(open, "waiting for open connections to end");
+        }
+        self.in_flight.wait().await;
+        drop(release);
     }
 
     /// The workload at `ip` on this ztunnel's network.

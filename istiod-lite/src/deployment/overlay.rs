@@ -39,7 +39,12 @@ pub struct Overlay {
 
 /// The name of the ConfigMap `gateway` takes its parameters from, if it names one.
 pub fn config_map_name(gateway: &Gateway) -> Result<Option<&str>, Error> {
-    let Some(reference) = gateway.spec.infrastructure.as_ref().and_then(|i| i.parameters_ref.as_ref()) else {
+    let Some(reference) = gateway
+        .spec
+        .infrastructure
+        .as_ref()
+        .and_then(|i| i.parameters_ref.as_ref())
+    else {
         return Ok(None);
     };
     if reference.group.is_empty() && reference.kind == "ConfigMap" {
@@ -239,14 +244,23 @@ mod tests {
     fn an_overlay_without_replicas_leaves_them_unset() {
         let desired = with(&[("deployment", "metadata:\n  annotations: {team: payments}\n")]).unwrap();
         assert_eq!(desired.deployment.spec.replicas, None);
-        assert_eq!(desired.deployment.metadata.annotations.as_ref().unwrap()["team"], "payments");
+        assert_eq!(
+            desired.deployment.metadata.annotations.as_ref().unwrap()["team"],
+            "payments"
+        );
     }
 
     #[test]
     fn service_and_service_account_overlays_apply_to_their_objects() {
         let desired = with(&[
-            ("service", "metadata:\n  annotations: {networking.istio.io/traffic-distribution: PreferClose}\n"),
-            ("serviceAccount", "metadata:\n  annotations: {iam.example/role: waypoint}\n"),
+            (
+                "service",
+                "metadata:\n  annotations: {networking.istio.io/traffic-distribution: PreferClose}\n",
+            ),
+            (
+                "serviceAccount",
+                "metadata:\n  annotations: {iam.example/role: waypoint}\n",
+            ),
         ])
         .unwrap();
         let annotations = |meta: &kube::api::ObjectMeta| meta.annotations.clone().unwrap_or_default();
@@ -254,7 +268,10 @@ mod tests {
             annotations(&desired.service.metadata)["networking.istio.io/traffic-distribution"],
             "PreferClose"
         );
-        assert_eq!(annotations(&desired.service_account.metadata)["iam.example/role"], "waypoint");
+        assert_eq!(
+            annotations(&desired.service_account.metadata)["iam.example/role"],
+            "waypoint"
+        );
         assert!(annotations(&desired.deployment.metadata).is_empty());
     }
 
@@ -276,11 +293,17 @@ mod tests {
             "overlay \"deployment\": may not change /spec/selector"
         );
         assert_eq!(
-            invalid(with(&[("service", "metadata: {labels: {gateway.istio.io/managed: mine}}\n")])),
+            invalid(with(&[(
+                "service",
+                "metadata: {labels: {gateway.istio.io/managed: mine}}\n"
+            )])),
             "overlay \"service\": may not change /metadata/labels/gateway.istio.io/managed"
         );
         assert_eq!(
-            invalid(with(&[("deployment", "spec:\n  template:\n    spec:\n      containers:\n      - name: waypoint\n        resource: {limits: {cpu: 2}}\n")])),
+            invalid(with(&[(
+                "deployment",
+                "spec:\n  template:\n    spec:\n      containers:\n      - name: waypoint\n        resource: {limits: {cpu: 2}}\n"
+            )])),
             "overlay \"deployment\": unknown field .spec.template.spec.containers[0].resource"
         );
         assert!(

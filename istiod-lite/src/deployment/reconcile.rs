@@ -77,10 +77,26 @@ pub(super) async fn run(context: Arc<Context>, class_changed: mpsc::Receiver<()>
     let controller = Controller::new(Api::<Gateway>::all(client.clone()), watcher::Config::default());
     let gateways = controller.store();
     controller
-        .watches(Api::<ServiceAccount>::all(client.clone()), watcher::Config::default(), same_name(gateways.clone()))
-        .watches(Api::<Deployment>::all(client.clone()), watcher::Config::default(), same_name(gateways.clone()))
-        .watches(Api::<Service>::all(client.clone()), watcher::Config::default(), same_name(gateways.clone()))
-        .watches(Api::<ConfigMap>::all(client), watcher::Config::default(), parameters_of(gateways))
+        .watches(
+            Api::<ServiceAccount>::all(client.clone()),
+            watcher::Config::default(),
+            same_name(gateways.clone()),
+        )
+        .watches(
+            Api::<Deployment>::all(client.clone()),
+            watcher::Config::default(),
+            same_name(gateways.clone()),
+        )
+        .watches(
+            Api::<Service>::all(client.clone()),
+            watcher::Config::default(),
+            same_name(gateways.clone()),
+        )
+        .watches(
+            Api::<ConfigMap>::all(client),
+            watcher::Config::default(),
+            parameters_of(gateways),
+        )
         .reconcile_all_on(ReceiverStream::new(class_changed))
         .run(reconcile, error_policy, context.clone())
         .for_each(|result| {
@@ -179,12 +195,19 @@ async fn desired(gateway: &Gateway, context: &Context) -> Result<render::Desired
 }
 
 fn is_managed(meta: &ObjectMeta) -> bool {
-    meta.labels.as_ref().is_some_and(|labels| labels.contains_key(MANAGED_LABEL))
+    meta.labels
+        .as_ref()
+        .is_some_and(|labels| labels.contains_key(MANAGED_LABEL))
 }
 
 /// Applies `desired` unless an unmanaged object holds its name; returns what the API holds now,
 /// or `None` (with a problem recorded) when it was not applied.
-async fn apply<K>(context: &Context, api: Api<K>, mut desired: K, problems: &mut Vec<Problem>) -> Result<Option<K>, Error>
+async fn apply<K>(
+    context: &Context,
+    api: Api<K>,
+    mut desired: K,
+    problems: &mut Vec<Problem>,
+) -> Result<Option<K>, Error>
 where
     K: kube::Resource<DynamicType = ()> + k8s_openapi::Resource + Clone + Serialize + DeserializeOwned + Debug,
 {
@@ -260,7 +283,13 @@ pub(super) fn now() -> Time {
     Time(Timestamp::from_second(now.as_second()).unwrap_or(now))
 }
 
-pub(super) fn api_error(action: &'static str, kind: &'static str, namespace: &str, name: &str, source: kube::Error) -> Error {
+pub(super) fn api_error(
+    action: &'static str,
+    kind: &'static str,
+    namespace: &str,
+    name: &str,
+    source: kube::Error,
+) -> Error {
     Error::Api {
         action,
         kind,
@@ -308,5 +337,233 @@ fn report(context: &Context, outcome: Outcome) {
         // Logged by error_policy.
         Err(controller::Error::ReconcilerFailed(..)) => {}
         Err(error) => warn!(%error, "waypoint deployment controller"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::runtime::reflector;
+    use serde_json::Value;
+
+    use super::*;
+    use crate::deployment::MANAGED_VALUE;
+    use crate::deployment::fake::FakeApi;
+    use crate::objects::gateway::GatewayClassSpec;
+
+    const ACCOUNT: &str = "/api/v1/namespaces/demo/serviceaccounts/waypoint";
+    const SERVICE: &str = "/api/v1/namespaces/demo/services/waypoint";
+    const DEPLOYMENT: &str = "/apis/apps/v1/namespaces/demo/deployments/waypoint";
+    const GATEWAY: &str = "/apis/gateway.networking.k8s.io/v1/namespaces/demo/gateways/waypoint";
+    const PARAMS: &str = "/api/v1/namespaces/demo/configmaps/params";
+
+    fn gateway(class: &str, parameters: bool) -> Value {
+        let mut spec = json!({"gatewayClassName": class});
+        if parameters {
+            spec["infrastructure"] = json!({"parametersRef": {"group": "", "kind": "ConfigMap", "name": "params"}});
+        }
+        json!({
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "Gateway",
+            "metadata": {"name": "waypoint", "namespace": "demo", "uid": "gw-uid", "generation": 1},
+            "spec": spec,
+        })
+    }
+
+    fn setup(fake: &FakeApi, leading: bool, classes: Store<GatewayClass>) -> (Arc<Context>, watch::Sender<bool>) {
+        let (sender, leading) = watch::channel(leading);
+        let context = Context::new(fake.client(), Settings::default(), leading, classes);
+        (Arc::new(context), sender)
+    }
+
+    async fn reconcile_stored(fake: &FakeApi, context: &Arc<Context>) -> Result<Action, Error> {
+        let gateway: Gateway = serde_json::from_value(fake.get(GATEWAY).unwrap()).unwrap();
+        reconcile(Arc::new(gateway), context.clone()).await
+    }
+
+    fn condition(fake: &FakeApi, kind: &str) -> (String, String, String) {
+        let gateway = fake.get(GATEWAY).unwrap();
+        let conditions = gateway["status"]["conditions"].as_array().unwrap().clone();
+        let found = conditions.iter().find(|c| c["type"] == kind).unwrap();
+        let field = |name: &str| found[name].as_str().unwrap().to_owned();
+        (field("status"), field("reason"), field("message"))
+    }
+
+    fn patch(path: &str) -> String {
+        format!("PATCH {path}")
+    }
+
+    #[tokio::test]
+    async fn applies_the_three_objects_as_ours_then_reports_programmed_and_then_stays_quiet() {
+        let fake = FakeApi::default();
+        fake.put(GATEWAY, gateway("istio-waypoint", false));
+        let (context, _leading) = setup(&fake, true, reflector::store().0);
+
+        reconcile_stored(&fake, &context).await.unwrap();
+        let status = format!("{GATEWAY}/status");
+        assert_eq!(
+            fake.writes(),
+            [patch(ACCOUNT), patch(SERVICE), patch(DEPLOYMENT), patch(&status)]
+        );
+        for call in fake.calls().iter().filter(|c| c.method == "PATCH") {
+            assert!(
+                call.query.contains("fieldManager=istiod-lite") && call.query.contains("force=true"),
+                "{call:?}"
+            );
+        }
+        let deployment = fake.get(DEPLOYMENT).unwrap();
+        assert_eq!(deployment["metadata"]["labels"][MANAGED_LABEL], MANAGED_VALUE);
+        assert!(deployment["spec"].get("replicas").is_none(), "{deployment}");
+        assert_eq!(
+            condition(&fake, "Programmed"),
+            (
+                "True".into(),
+                "Programmed".into(),
+                "Resource programmed, assigned to service(s) waypoint.demo.svc.cluster.local:15008".into()
+            )
+        );
+        assert_eq!(
+            fake.get(GATEWAY).unwrap()["status"]["addresses"],
+            json!([{"type": "IPAddress", "value": "10.96.0.10"}, {"type": "Hostname", "value": "waypoint.demo.svc.cluster.local"}])
+        );
+
+        // Nothing changed: the same applies (guarded by the resourceVersion read), no status write.
+        let version = fake.get(ACCOUNT).unwrap()["metadata"]["resourceVersion"].clone();
+        let before = fake.calls().len();
+        reconcile_stored(&fake, &context).await.unwrap();
+        let again: Vec<_> = fake.calls()[before..]
+            .iter()
+            .filter(|c| c.method == "PATCH")
+            .cloned()
+            .collect();
+        let paths: Vec<&str> = again.iter().map(|c| c.path.as_str()).collect();
+        assert_eq!(paths, [ACCOUNT, SERVICE, DEPLOYMENT]);
+        assert_eq!(again[0].body["metadata"]["resourceVersion"], version);
+    }
+
+    #[tokio::test]
+    async fn an_unmanaged_deployment_is_left_alone_and_the_gateway_says_why() {
+        let fake = FakeApi::default();
+        fake.put(GATEWAY, gateway("istio-waypoint", false));
+        let theirs = json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "waypoint", "namespace": "demo", "labels": {"app": "theirs"}},
+            "spec": {"selector": {"matchLabels": {"app": "theirs"}}, "template": {}},
+        });
+        fake.put(DEPLOYMENT, theirs.clone());
+        let (context, _leading) = setup(&fake, true, reflector::store().0);
+
+        reconcile_stored(&fake, &context).await.unwrap();
+        let status = format!("{GATEWAY}/status");
+        assert_eq!(fake.writes(), [patch(ACCOUNT), patch(SERVICE), patch(&status)]);
+        assert_eq!(fake.get(DEPLOYMENT).unwrap(), theirs);
+        assert_eq!(
+            condition(&fake, "Programmed"),
+            (
+                "False".into(),
+                "Invalid".into(),
+                "Deployment demo/waypoint exists and is not managed by istiod-lite; not taking it over".into()
+            )
+        );
+        assert_eq!(condition(&fake, "Accepted").0, "True");
+    }
+
+    #[tokio::test]
+    async fn a_missing_parameters_config_map_is_not_accepted_until_it_exists() {
+        let fake = FakeApi::default();
+        fake.put(GATEWAY, gateway("istio-waypoint", true));
+        let (context, _leading) = setup(&fake, true, reflector::store().0);
+
+        reconcile_stored(&fake, &context).await.unwrap();
+        assert_eq!(fake.writes(), [patch(&format!("{GATEWAY}/status"))]);
+        let message = "parametersRef targeting ConfigMap demo/params, but it does not exist";
+        assert_eq!(
+            condition(&fake, "Accepted"),
+            ("False".into(), "InvalidParameters".into(), message.into())
+        );
+
+        fake.put(
+            PARAMS,
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "params", "namespace": "demo"},
+                "data": {"deployment": "spec:\n  replicas: 2\n"}}),
+        );
+        reconcile_stored(&fake, &context).await.unwrap();
+        assert_eq!(fake.get(DEPLOYMENT).unwrap()["spec"]["replicas"], 2);
+        assert_eq!(condition(&fake, "Accepted").0, "True");
+    }
+
+    #[tokio::test]
+    async fn a_refused_apply_is_reported_and_a_failed_one_retried_with_backoff() {
+        let fake = FakeApi::default();
+        fake.put(GATEWAY, gateway("istio-waypoint", false));
+        fake.refuse(
+            DEPLOYMENT,
+            422,
+            "Deployment.apps \"waypoint\" is invalid: spec.replicas: must be >= 0",
+        );
+        let (context, _leading) = setup(&fake, true, reflector::store().0);
+        reconcile_stored(&fake, &context).await.unwrap();
+        assert_eq!(
+            condition(&fake, "Programmed").2,
+            "Deployment demo/waypoint was refused: Deployment.apps \"waypoint\" is invalid: spec.replicas: must be >= 0"
+        );
+
+        fake.refuse(DEPLOYMENT, 503, "etcdserver: leader changed");
+        let error = reconcile_stored(&fake, &context).await.unwrap_err();
+        assert!(error.is_retryable());
+        assert!(
+            error.to_string().starts_with("apply Deployment demo/waypoint: "),
+            "{error}"
+        );
+        let gateway = Arc::new(serde_json::from_value::<Gateway>(fake.get(GATEWAY).unwrap()).unwrap());
+        let delays: Vec<Action> = (0..3)
+            .map(|_| error_policy(gateway.clone(), &error, context.clone()))
+            .collect();
+        assert_eq!(
+            delays,
+            [500, 1000, 2000].map(|ms| Action::requeue(Duration::from_millis(ms)))
+        );
+        assert_eq!(backoff(30), BACKOFF_MAX);
+    }
+
+    #[tokio::test]
+    async fn nothing_is_written_without_the_lead_nor_for_other_classes_or_controllers() {
+        let fake = FakeApi::default();
+        fake.put(GATEWAY, gateway("istio-waypoint", false));
+        let (context, _leading) = setup(&fake, false, reflector::store().0);
+        let error = reconcile_stored(&fake, &context).await.unwrap_err();
+        assert!(
+            matches!(
+                error,
+                Error::NotLeading {
+                    kind: "ServiceAccount",
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        assert_eq!(fake.writes(), Vec::<String>::new());
+
+        let fake = FakeApi::default();
+        fake.put(GATEWAY, gateway("istio", false));
+        let (context, _leading) = setup(&fake, true, reflector::store().0);
+        reconcile_stored(&fake, &context).await.unwrap();
+        assert!(fake.calls().is_empty(), "another class is ignored: {:?}", fake.calls());
+
+        let fake = FakeApi::default();
+        fake.put(GATEWAY, gateway("istio-waypoint", false));
+        let (classes, mut writer) = reflector::store();
+        let theirs = GatewayClassSpec {
+            controller_name: "example.com/other".into(),
+            description: None,
+        };
+        writer.apply_watcher_event(&watcher::Event::Apply(GatewayClass::new(WAYPOINT_CLASS, theirs)));
+        let (context, _leading) = setup(&fake, true, classes);
+        reconcile_stored(&fake, &context).await.unwrap();
+        assert!(
+            fake.calls().is_empty(),
+            "a class of another controller is ignored: {:?}",
+            fake.calls()
+        );
     }
 }

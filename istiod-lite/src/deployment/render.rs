@@ -50,7 +50,11 @@ pub struct Desired {
 pub fn desired(gateway: &Gateway, config_map: Option<&ConfigMap>, settings: &Settings) -> Result<Desired, Error> {
     let overlay = config_map.map(Overlay::parse).transpose()?.unwrap_or_default();
     Ok(Desired {
-        service_account: overlay::apply(service_account(gateway), overlay.service_account.as_ref(), "serviceAccount")?,
+        service_account: overlay::apply(
+            service_account(gateway),
+            overlay.service_account.as_ref(),
+            "serviceAccount",
+        )?,
         deployment: overlay::apply(deployment(gateway, settings), overlay.deployment.as_ref(), "deployment")?,
         service: overlay::apply(service(gateway), overlay.service.as_ref(), "service")?,
     })
@@ -69,7 +73,11 @@ fn infrastructure(gateway: &Gateway, labels: bool) -> BTreeMap<String, String> {
     let Some(infrastructure) = &gateway.spec.infrastructure else {
         return BTreeMap::new();
     };
-    let source = if labels { &infrastructure.labels } else { &infrastructure.annotations };
+    let source = if labels {
+        &infrastructure.labels
+    } else {
+        &infrastructure.annotations
+    };
     source
         .iter()
         .filter(|(key, _)| !key.starts_with("gateway.networking.k8s.io/"))
@@ -101,13 +109,17 @@ fn owner_reference(gateway: &Gateway) -> Value {
 
 fn metadata(gateway: &Gateway) -> Value {
     let (name, namespace) = name_and_namespace(gateway);
-    json!({
+    let mut metadata = json!({
         "name": name,
         "namespace": namespace,
         "labels": labels(gateway),
-        "annotations": infrastructure(gateway, false),
         "ownerReferences": [owner_reference(gateway)],
-    })
+    });
+    let annotations = infrastructure(gateway, false);
+    if !annotations.is_empty() {
+        metadata["annotations"] = json!(annotations);
+    }
+    metadata
 }
 
 fn service_account(gateway: &Gateway) -> Value {
@@ -267,7 +279,9 @@ mod tests {
 
     fn env<'a>(container: &'a Container, name: &str) -> &'a EnvVar {
         let env = container.env.as_ref().unwrap();
-        env.iter().find(|e| e.name == name).unwrap_or_else(|| panic!("no {name} in {env:?}"))
+        env.iter()
+            .find(|e| e.name == name)
+            .unwrap_or_else(|| panic!("no {name} in {env:?}"))
     }
 
     #[test]
@@ -289,10 +303,19 @@ mod tests {
             assert_eq!(owners.len(), 1);
             let owner = &owners[0];
             assert_eq!(
-                (owner.api_version.as_str(), owner.kind.as_str(), owner.name.as_str(), owner.uid.as_str()),
+                (
+                    owner.api_version.as_str(),
+                    owner.kind.as_str(),
+                    owner.name.as_str(),
+                    owner.uid.as_str()
+                ),
                 ("gateway.networking.k8s.io/v1", "Gateway", "waypoint", "gw-uid")
             );
-            assert_eq!((owner.controller, owner.block_owner_deletion), (None, None), "as Istio: no controller");
+            assert_eq!(
+                (owner.controller, owner.block_owner_deletion),
+                (None, None),
+                "as Istio: no controller"
+            );
         }
     }
 
@@ -304,10 +327,16 @@ mod tests {
         let encoded = serde_json::to_value(&desired.deployment).unwrap();
         assert!(encoded["spec"].get("replicas").is_none(), "{encoded}");
         let selector = spec.selector.match_labels.as_ref().unwrap();
-        assert_eq!(selector, &BTreeMap::from([(GATEWAY_NAME_LABEL.to_owned(), "waypoint".to_owned())]));
+        assert_eq!(
+            selector,
+            &BTreeMap::from([(GATEWAY_NAME_LABEL.to_owned(), "waypoint".to_owned())])
+        );
         let pod_labels = spec.template.metadata.as_ref().unwrap().labels.as_ref().unwrap();
         assert_eq!(pod_labels[GATEWAY_NAME_LABEL], "waypoint");
-        assert_eq!(pod_labels["istio.io/dataplane-mode"], "none", "ztunnel never captures a waypoint");
+        assert_eq!(
+            pod_labels["istio.io/dataplane-mode"], "none",
+            "ztunnel never captures a waypoint"
+        );
         assert_eq!(pod_labels["sidecar.istio.io/inject"], "false");
         assert_eq!(pod_labels[MANAGED_LABEL], MANAGED_VALUE);
         let annotations = spec.template.metadata.as_ref().unwrap().annotations.as_ref().unwrap();
@@ -345,7 +374,13 @@ mod tests {
 
         let volumes = pod_spec(&desired).volumes.as_ref().unwrap();
         let volume = |name: &str| volumes.iter().find(|v| v.name == name).unwrap();
-        let sources = volume(TOKEN_VOLUME).projected.as_ref().unwrap().sources.as_ref().unwrap();
+        let sources = volume(TOKEN_VOLUME)
+            .projected
+            .as_ref()
+            .unwrap()
+            .sources
+            .as_ref()
+            .unwrap();
         let token = sources[0].service_account_token.as_ref().unwrap();
         assert_eq!(token.audience.as_deref(), Some("istio-ca"));
         assert_eq!(token.path, "istio-token");
@@ -366,7 +401,11 @@ mod tests {
             .collect();
         assert_eq!(
             ports,
-            [(15008, Some("hbone")), (15020, Some("metrics")), (15021, Some("status-port"))]
+            [
+                (15008, Some("hbone")),
+                (15020, Some("metrics")),
+                (15021, Some("status-port"))
+            ]
         );
         for probe in [&container.readiness_probe, &container.startup_probe] {
             let get = probe.as_ref().unwrap().http_get.as_ref().unwrap();
@@ -377,7 +416,10 @@ mod tests {
         assert_eq!(security.run_as_non_root, Some(true));
         assert_eq!(security.read_only_root_filesystem, Some(true));
         assert_eq!(security.allow_privilege_escalation, Some(false));
-        assert_eq!(security.capabilities.as_ref().unwrap().drop, Some(vec!["ALL".to_owned()]));
+        assert_eq!(
+            security.capabilities.as_ref().unwrap().drop,
+            Some(vec!["ALL".to_owned()])
+        );
     }
 
     /// Every variable we set is one the `waypoint` binary reads, and the ports we declare are its
@@ -399,11 +441,18 @@ mod tests {
         let desired = rendered(&gateway);
         let container = waypoint_container(&desired);
         for var in container.env.iter().flatten() {
-            assert!(read.contains(var.name.as_str()), "{} is not read by the waypoint: {read:?}", var.name);
+            assert!(
+                read.contains(var.name.as_str()),
+                "{} is not read by the waypoint: {read:?}",
+                var.name
+            );
         }
         assert_eq!(env(container, "NETWORK").value.as_deref(), Some("west"));
         for default in ["\"0.0.0.0:15008\"", "\"0.0.0.0:15020\"", "\"0.0.0.0:15021\""] {
-            assert!(source.contains(default), "the waypoint no longer listens on {default} by default");
+            assert!(
+                source.contains(default),
+                "the waypoint no longer listens on {default} by default"
+            );
         }
     }
 
@@ -424,7 +473,10 @@ mod tests {
             .collect();
         assert_eq!(
             ports,
-            [(Some("status-port"), 15021, Some("tcp")), (Some("mesh"), 15008, Some("hbone"))]
+            [
+                (Some("status-port"), 15021, Some("tcp")),
+                (Some("mesh"), 15008, Some("hbone"))
+            ]
         );
     }
 
@@ -437,7 +489,11 @@ mod tests {
         }))
         .unwrap();
         let desired = rendered(&gateway);
-        for meta in [&desired.service_account.metadata, &desired.deployment.metadata, &desired.service.metadata] {
+        for meta in [
+            &desired.service_account.metadata,
+            &desired.deployment.metadata,
+            &desired.service.metadata,
+        ] {
             assert_eq!(meta.labels.as_ref().unwrap()["team"], "payments");
             assert_eq!(meta.labels.as_ref().unwrap()[GATEWAY_NAME_LABEL], "waypoint");
             assert_eq!(meta.annotations.as_ref().unwrap()["owner"], "payments@example.com");

@@ -11,8 +11,8 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::objects::gateway::{GatewayAddress, GatewayStatus};
 use crate::objects::Gateway;
+use crate::objects::gateway::{GatewayAddress, GatewayStatus};
 use crate::translate::waypoints::HBONE_PORT;
 
 pub const ACCEPTED: &str = "Accepted";
@@ -111,7 +111,11 @@ pub fn gateway_status(
             Some(_) => format!("no cluster IP is assigned to Service {hostname} yet"),
             None => format!("Service {hostname} does not exist yet"),
         };
-        (false, REASON_ADDRESS_NOT_ASSIGNED, format!("Failed to assign to any requested addresses: {why}"))
+        (
+            false,
+            REASON_ADDRESS_NOT_ASSIGNED,
+            format!("Failed to assign to any requested addresses: {why}"),
+        )
     } else {
         let message = format!("Resource programmed, assigned to service(s) {hostname}:{HBONE_PORT}");
         (true, PROGRAMMED, message)
@@ -214,13 +218,21 @@ mod tests {
 
     fn summary(condition: &Condition) -> (&str, &str, &str, Option<i64>) {
         let c = condition;
-        (c.status.as_str(), c.reason.as_str(), c.message.as_str(), c.observed_generation)
+        (
+            c.status.as_str(),
+            c.reason.as_str(),
+            c.message.as_str(),
+            c.observed_generation,
+        )
     }
 
     #[test]
     fn before_the_service_has_an_ip_the_gateway_is_accepted_but_not_programmed() {
         let status = gateway_status(&gateway(2, None), Some(&service(&[])), &[], SUFFIX, &at(100));
-        assert_eq!(summary(get(&status, ACCEPTED)), ("True", "Accepted", "Resource accepted", Some(2)));
+        assert_eq!(
+            summary(get(&status, ACCEPTED)),
+            ("True", "Accepted", "Resource accepted", Some(2))
+        );
         assert_eq!(
             summary(get(&status, PROGRAMMED)),
             (
@@ -233,12 +245,22 @@ mod tests {
         assert_eq!(get(&status, PROGRAMMED).last_transition_time, at(100));
         assert!(status.addresses.is_empty());
         let missing = gateway_status(&gateway(2, None), None, &[], SUFFIX, &at(100));
-        assert!(get(&missing, PROGRAMMED).message.ends_with("Service waypoint.demo.svc.cluster.local does not exist yet"));
+        assert!(
+            get(&missing, PROGRAMMED)
+                .message
+                .ends_with("Service waypoint.demo.svc.cluster.local does not exist yet")
+        );
     }
 
     #[test]
     fn with_a_cluster_ip_it_is_programmed_and_reports_ip_then_hostname() {
-        let status = gateway_status(&gateway(2, None), Some(&service(&["10.96.0.10", "fd00::10"])), &[], SUFFIX, &at(1));
+        let status = gateway_status(
+            &gateway(2, None),
+            Some(&service(&["10.96.0.10", "fd00::10"])),
+            &[],
+            SUFFIX,
+            &at(1),
+        );
         assert_eq!(
             summary(get(&status, PROGRAMMED)),
             (
@@ -248,8 +270,11 @@ mod tests {
                 Some(2)
             )
         );
-        let addresses: Vec<(Option<&str>, &str)> =
-            status.addresses.iter().map(|a| (a.kind.as_deref(), a.value.as_str())).collect();
+        let addresses: Vec<(Option<&str>, &str)> = status
+            .addresses
+            .iter()
+            .map(|a| (a.kind.as_deref(), a.value.as_str()))
+            .collect();
         assert_eq!(
             addresses,
             [
@@ -267,14 +292,25 @@ mod tests {
         let pending = gateway_status(&gateway(1, None), Some(&service(&[])), &[], SUFFIX, &at(100));
         let assigned = gateway(1, Some(pending.clone()));
         let programmed = gateway_status(&assigned, Some(&service(&["10.96.0.10"])), &[], SUFFIX, &at(200));
-        assert_eq!(get(&programmed, ACCEPTED).last_transition_time, at(100), "Accepted stayed True");
-        assert_eq!(get(&programmed, PROGRAMMED).last_transition_time, at(200), "Programmed flipped");
+        assert_eq!(
+            get(&programmed, ACCEPTED).last_transition_time,
+            at(100),
+            "Accepted stayed True"
+        );
+        assert_eq!(
+            get(&programmed, PROGRAMMED).last_transition_time,
+            at(200),
+            "Programmed flipped"
+        );
         assert!(needs_write(assigned.status.as_ref(), &programmed));
 
         let settled = gateway(1, Some(programmed.clone()));
         let again = gateway_status(&settled, Some(&service(&["10.96.0.10"])), &[], SUFFIX, &at(300));
         assert_eq!(again, programmed);
-        assert!(!needs_write(settled.status.as_ref(), &again), "no write when nothing changed");
+        assert!(
+            !needs_write(settled.status.as_ref(), &again),
+            "no write when nothing changed"
+        );
 
         // A new generation is observed (and written) without moving the transition times.
         let edited = gateway(2, Some(programmed.clone()));
@@ -288,7 +324,9 @@ mod tests {
     fn conditions_of_others_do_not_force_a_write() {
         let ours = gateway_status(&gateway(1, None), Some(&service(&["10.96.0.10"])), &[], SUFFIX, &at(1));
         let mut current = ours.clone();
-        current.conditions.push(condition(&[], "Ready", true, "Ready", "other".into(), Some(1), &at(1)));
+        current
+            .conditions
+            .push(condition(&[], "Ready", true, "Ready", "other".into(), Some(1), &at(1)));
         assert!(!needs_write(Some(&current), &ours));
     }
 
@@ -307,7 +345,13 @@ mod tests {
             namespace: "demo".into(),
             name: "waypoint".into(),
         }];
-        let status = gateway_status(&gateway(3, None), Some(&service(&["10.96.0.10"])), &problems, SUFFIX, &at(1));
+        let status = gateway_status(
+            &gateway(3, None),
+            Some(&service(&["10.96.0.10"])),
+            &problems,
+            SUFFIX,
+            &at(1),
+        );
         assert_eq!(get(&status, ACCEPTED).status, "True");
         assert_eq!(
             summary(get(&status, PROGRAMMED)),
@@ -325,7 +369,13 @@ mod tests {
         let message = "parametersRef targeting ConfigMap demo/params, but it does not exist";
         let problems = [Problem::InvalidParameters(message.into())];
         let status = gateway_status(&gateway(1, None), None, &problems, SUFFIX, &at(1));
-        assert_eq!(summary(get(&status, ACCEPTED)), ("False", "InvalidParameters", message, Some(1)));
-        assert_eq!(summary(get(&status, PROGRAMMED)), ("False", "Invalid", message, Some(1)));
+        assert_eq!(
+            summary(get(&status, ACCEPTED)),
+            ("False", "InvalidParameters", message, Some(1))
+        );
+        assert_eq!(
+            summary(get(&status, PROGRAMMED)),
+            ("False", "Invalid", message, Some(1))
+        );
     }
 }

@@ -1,5 +1,8 @@
 //! The HBONE server: TLS with a certificate chosen by the local address, HTTP/2, and a handler
-//! per CONNECT stream.
+//! per CONNECT stream, within the bounds of an [`Admission`] (shared by every listener of a
+//! process): a connection past the total or the handshakes in progress is reset at once; one
+//! whose handshake outlasts the timeout is closed; a peer identity past its connections gets
+//! GOAWAY `ENHANCE_YOUR_CALM`, past its streams `429`; a header block past its size `431`.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -14,7 +17,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info_span, warn};
 
-use super::{H2Settings, H2Stream, HANDSHAKE_TIMEOUT, HboneError, transport};
+use super::limits::{Admitted, Handshaking, StreamPermit};
+use super::{Admission, H2Settings, H2Stream, HboneError, Limit, transport};
 use crate::identity::{SpiffeId, tls};
 
 /// Chooses the TLS configuration for a connection by the address it arrived on (ztunnel serves
@@ -48,13 +52,15 @@ pub struct InboundRequest {
     pub headers: HeaderMap,
     respond: SendResponse<Bytes>,
     body: RecvStream,
+    /// The stream's place among its peer's; the tunnel holds it.
+    permit: StreamPermit,
 }
 
 impl InboundRequest {
     /// Answers 200 and returns the tunnel's byte stream.
     pub fn accept(mut self) -> Result<H2Stream, h2::Error> {
         let send = self.respond.send_response(Response::new(()), false)?;
-        Ok(H2Stream::new(send, self.body, None))
+        Ok(H2Stream::new(send, self.body, Some(Box::new(self.permit))))
     }
 
     /// Answers `status` (401 denied, 503 app unreachable, 400 malformed) and ends the stream.
@@ -74,6 +80,7 @@ impl InboundRequest {
 pub struct Server<C> {
     certificates: Arc<C>,
     settings: H2Settings,
+    admission: Arc<Admission>,
 }
 
 impl<C: ServerCertificates> Server<C> {
@@ -81,7 +88,15 @@ impl<C: ServerCertificates> Server<C> {
         Self {
             certificates: Arc::new(certificates),
             settings: H2Settings::default(),
+            admission: Arc::default(),
         }
+    }
+
+    /// Counts this server's connections and streams in `admission` (shared with the other
+    /// listeners of the process); by default a server has default bounds of its own.
+    pub fn with_admission(mut self, admission: Arc<Admission>) -> Self {
+        self.admission = admission;
+        self
     }
 
     pub fn with_settings(mut self, settings: H2Settings) -> Self {
@@ -106,48 +121,69 @@ impl<C: ServerCertificates> Server<C> {
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
+                        let (admitted, handshaking) = match self.admission.admit() {
+                            Ok(slots) => slots,
+                            Err(limit) => {
+                                self.admission.refused(limit, peer, None);
+                                reset(stream);
+                                continue;
+                            }
+                        };
                         let connection = Connection {
                             certificates: self.certificates.clone(),
                             settings: self.settings,
+                            admission: self.admission.clone(),
                             peer,
+                            _admitted: admitted,
                         };
                         let span = info_span!("hbone_inbound", %peer);
-                        connections.spawn(connection.serve(stream, handler.clone(), drain.clone()).instrument(span));
+                        let serve = connection.serve(stream, handshaking, handler.clone(), drain.clone());
+                        connections.spawn(serve.instrument(span));
                     }
                     Err(error) => warn!(%error, "accept failed"),
                 },
             }
         }
+        // Closed now, not after the connections end: connections queued on it move to a successor
+        // listening on the same port (SO_REUSEPORT, tcp_migrate_req) instead of waiting here.
+        drop(listener);
         while connections.join_next().await.is_some() {}
     }
+}
+
+/// Closes a connection with a reset (no FIN): the peer learns at once that it was refused.
+fn reset(stream: TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+    drop(stream);
 }
 
 struct Connection<C> {
     certificates: Arc<C>,
     settings: H2Settings,
+    admission: Arc<Admission>,
     peer: SocketAddr,
+    /// Its place in the total, for as long as it lives.
+    _admitted: Admitted,
 }
 
 impl<C: ServerCertificates> Connection<C> {
-    async fn serve<H, F>(self, stream: TcpStream, handler: Arc<H>, drain: drain::Watch)
+    async fn serve<H, F>(self, stream: TcpStream, handshaking: Handshaking, handler: Arc<H>, drain: drain::Watch)
     where
         H: Fn(InboundRequest) -> F + Send + Sync + 'static,
         F: Future<Output = ()> + Send + 'static,
     {
-        if let Err(error) = self.run(stream, handler, drain).await {
+        if let Err(error) = self.run(stream, handshaking, handler, drain).await {
             debug!(%error, "HBONE connection ended with an error");
         }
     }
 
-    async fn run<H, F>(self, stream: TcpStream, handler: Arc<H>, drain: drain::Watch) -> Result<(), HboneError>
-    where
-        H: Fn(InboundRequest) -> F + Send + Sync + 'static,
-        F: Future<Output = ()> + Send + 'static,
-    {
+    /// Certificate, TLS and HTTP/2, all within the handshake timeout.
+    async fn handshake(
+        &self,
+        stream: TcpStream,
+        local: SocketAddr,
+    ) -> Result<(SpiffeId, h2::server::Connection<super::TlsTransport, Bytes>), HboneError> {
         let peer = self.peer;
-        let local = stream
-            .local_addr()
-            .map_err(|source| HboneError::Accept { peer, source })?;
         let config = self
             .certificates
             .server_config(local)
@@ -156,25 +192,53 @@ impl<C: ServerCertificates> Connection<C> {
                 peer,
                 source: std::io::Error::other(e),
             })?;
-        let handshake = async {
-            let tls = tokio_rustls::TlsAcceptor::from(config)
-                .accept(transport(stream))
-                .await
-                .map_err(|source| HboneError::Accept { peer, source })?;
-            let peer_identity = tls::peer_identity(tls.get_ref().1)?;
-            let h2 = h2::server::Builder::new()
-                .initial_window_size(self.settings.stream_window)
-                .initial_connection_window_size(self.settings.connection_window)
-                .max_frame_size(self.settings.max_frame_size)
-                .max_concurrent_streams(self.settings.max_concurrent_streams)
-                .handshake::<_, Bytes>(tls)
-                .await
-                .map_err(|source| HboneError::H2 { address: peer, source })?;
-            Ok::<_, HboneError>((peer_identity, h2))
-        };
-        let (peer_identity, mut h2) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+        let tls = tokio_rustls::TlsAcceptor::from(config)
+            .accept(transport(stream))
             .await
-            .map_err(|_| HboneError::Timeout { address: peer })??;
+            .map_err(|source| HboneError::Accept { peer, source })?;
+        let peer_identity = tls::peer_identity(tls.get_ref().1)?;
+        let h2 = h2::server::Builder::new()
+            .initial_window_size(self.settings.stream_window)
+            .initial_connection_window_size(self.settings.connection_window)
+            .max_frame_size(self.settings.max_frame_size)
+            .max_concurrent_streams(self.settings.max_concurrent_streams)
+            .max_header_list_size(self.admission.limits().max_header_list_size)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|source| HboneError::H2 { address: peer, source })?;
+        Ok((peer_identity, h2))
+    }
+
+    async fn run<H, F>(
+        self,
+        stream: TcpStream,
+        handshaking: Handshaking,
+        handler: Arc<H>,
+        drain: drain::Watch,
+    ) -> Result<(), HboneError>
+    where
+        H: Fn(InboundRequest) -> F + Send + Sync + 'static,
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let peer = self.peer;
+        let local = stream
+            .local_addr()
+            .map_err(|source| HboneError::Accept { peer, source })?;
+        let timeout = self.admission.limits().handshake_timeout;
+        let handshake = Box::pin(self.handshake(stream, local));
+        let Ok(handshake) = tokio::time::timeout(timeout, handshake).await else {
+            self.admission.refused(Limit::handshake_timeout, peer, None);
+            return Err(HboneError::Timeout { address: peer });
+        };
+        drop(handshaking);
+        let (peer_identity, mut h2) = handshake?;
+        let _peer_connection = match self.admission.peer_connection(&peer_identity) {
+            Ok(slot) => slot,
+            Err(limit) => {
+                self.admission.refused(limit, peer, Some(&peer_identity));
+                return refuse_connection(h2, peer).await;
+            }
+        };
         debug!(%peer_identity, "HBONE connection established");
 
         let drained = drain.signaled();
@@ -191,7 +255,15 @@ impl<C: ServerCertificates> Connection<C> {
             };
             let Some(next) = next else { break };
             let (request, respond) = next.map_err(|source| HboneError::H2 { address: peer, source })?;
-            if let Some(inbound) = self.inbound_request(request, respond, &peer_identity, local) {
+            let permit = match self.admission.stream(&peer_identity) {
+                Ok(permit) => permit,
+                Err(limit) => {
+                    self.admission.refused(limit, peer, Some(&peer_identity));
+                    respond_status(respond, StatusCode::TOO_MANY_REQUESTS);
+                    continue;
+                }
+            };
+            if let Some(inbound) = self.inbound_request(request, respond, &peer_identity, local, permit) {
                 tokio::spawn(handler(inbound).in_current_span());
             }
         }
@@ -203,20 +275,17 @@ impl<C: ServerCertificates> Connection<C> {
     fn inbound_request(
         &self,
         request: Request<RecvStream>,
-        mut respond: SendResponse<Bytes>,
+        respond: SendResponse<Bytes>,
         peer_identity: &SpiffeId,
         local: SocketAddr,
+        permit: StreamPermit,
     ) -> Option<InboundRequest> {
         let authority = (request.method() == Method::CONNECT)
             .then(|| request.uri().authority()?.as_str().parse::<SocketAddr>().ok())
             .flatten();
         let Some(authority) = authority else {
             debug!(method = %request.method(), uri = %request.uri(), "malformed HBONE request: want CONNECT to ip:port");
-            let response = Response::builder()
-                .status(StatusCode::BAD_REQUEST)
-                .body(())
-                .expect("valid");
-            let _ = respond.send_response(response, true);
+            respond_status(respond, StatusCode::BAD_REQUEST);
             return None;
         };
         let (parts, body) = request.into_parts();
@@ -228,6 +297,30 @@ impl<C: ServerCertificates> Connection<C> {
             headers: parts.headers,
             respond,
             body,
+            permit,
         })
     }
+}
+
+/// Answers a stream with `status` alone and ends it.
+fn respond_status(mut respond: SendResponse<Bytes>, status: StatusCode) {
+    let response = Response::builder().status(status).body(()).expect("status-only response is valid");
+    if let Err(error) = respond.send_response(response, true) {
+        debug!(%error, %status, "could not send the refusal");
+    }
+}
+
+/// Refuses a whole connection whose peer is past its bound: GOAWAY `ENHANCE_YOUR_CALM`, flushed
+/// (for at most a second) before the connection closes.
+async fn refuse_connection(
+    mut h2: h2::server::Connection<super::TlsTransport, Bytes>,
+    peer: SocketAddr,
+) -> Result<(), HboneError> {
+    h2.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+    let flushed = async { while let Some(Ok(_)) = h2.accept().await {} };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), flushed).await;
+    Err(HboneError::Refused {
+        address: peer,
+        limit: Limit::peer_connections,
+    })
 }

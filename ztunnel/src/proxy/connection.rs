@@ -6,6 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use mesh_core::identity::SpiffeId;
 use mesh_core::proto::workload::{Service, Workload};
@@ -93,7 +94,7 @@ impl Description {
 
     /// Counts the connection as opened; its counters then follow the bytes.
     /// Counts the connection open; `in_flight`, held until it closes, makes a drain wait for it.
-    pub fn open(self, metrics: &TcpMetrics, in_flight: Option<drain::Watch>) -> Accounting {
+    pub fn open(self, metrics: &TcpMetrics, in_flight: TaskTrackerToken) -> Accounting {
         let labels = self.labels(ResponseFlags::None);
         metrics.opened.get_or_create(&labels).inc();
         Accounting {
@@ -117,7 +118,7 @@ pub struct Accounting {
     pub sent: Counter,
     closed: Counter,
     started: Instant,
-    _in_flight: Option<drain::Watch>,
+    _in_flight: TaskTrackerToken,
 }
 
 impl Accounting {

@@ -4,6 +4,11 @@
 //! is the target. Both then go through the same steps: the target must be a workload of this node,
 //! L4 authorization (a plaintext source has no identity, so STRICT mTLS denies it), a connection
 //! to the app, then bytes until either side ends or a policy change revokes the connection.
+//!
+//! A tunnel is bound to its listener: a CONNECT must name the workload whose certificate the
+//! listener presented (the pod it serves), never another pod (ztunnel would relay for the peer)
+//! nor one of ztunnel's own ports (a tunnel in the tunnel). Both are refused with 400, as
+//! upstream ztunnel does, before authorization.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,6 +30,21 @@ use mesh_core::state::authorization::{self, Connection};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// ztunnel's own ports (outbound, inbound plaintext, HBONE, DNS, metrics, readiness, admin): never
+/// a target of a tunnel or of a redirected connection.
+pub const ZTUNNEL_PORTS: [u16; 7] = [15001, 15006, 15008, 15053, 15020, 15021, 15000];
+
+/// Why an inbound connection's target is refused before it is authorized.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TargetRefused {
+    #[error("target {target} is one of ztunnel's own ports")]
+    ZtunnelPort { target: SocketAddr },
+    #[error("target {target} is not a workload on this node")]
+    NotLocal { target: SocketAddr },
+    #[error("target {target} is not the workload this listener serves ({listener}); ztunnel does not relay")]
+    OtherWorkload { target: SocketAddr, listener: SocketAddr },
+}
+
 /// Picks the certificate of the workload whose address the client connected to.
 #[derive(Debug)]
 pub struct WorkloadCertificates<S>(pub Arc<Context<S>>);
@@ -33,8 +53,8 @@ impl<S: CertificateSource> ServerCertificates for WorkloadCertificates<S> {
     async fn server_config(&self, local: SocketAddr) -> Result<Arc<ServerConfig>, BoxError> {
         let workload = self
             .0
-            .workload_at(local.ip())
-            .ok_or_else(|| format!("no workload at {}", local.ip()))?;
+            .local_workload_at(local.ip())
+            .ok_or_else(|| format!("no workload of this node at {}", local.ip()))?;
         let certificate = self.0.certificates.get(&identity_of(&workload)?).await?;
         Ok(Arc::new(tls::server_config(&certificate)?))
     }
@@ -57,12 +77,39 @@ impl Client {
     }
 }
 
+/// The workload a tunnel that arrived on `listener` (the address the client connected to) may
+/// reach at `target`: the one the listener serves, on one of its ports that is not ztunnel's.
+pub fn tunnel_target<S>(
+    context: &Context<S>,
+    listener: SocketAddr,
+    target: SocketAddr,
+) -> Result<Arc<Workload>, TargetRefused> {
+    if ZTUNNEL_PORTS.contains(&target.port()) {
+        return Err(TargetRefused::ZtunnelPort { target });
+    }
+    let workload = context
+        .local_workload_at(target.ip())
+        .ok_or(TargetRefused::NotLocal { target })?;
+    // The certificate was chosen by the listener's address: the target must be that workload
+    // (any of its addresses).
+    match context.local_workload_at(listener.ip()) {
+        Some(served) if served.uid == workload.uid => Ok(workload),
+        _ => Err(TargetRefused::OtherWorkload { target, listener }),
+    }
+}
+
 /// Handles one CONNECT stream (15008).
 pub async fn handle_hbone<S: CertificateSource>(context: Arc<Context<S>>, request: InboundRequest) {
     let target = request.authority;
-    let Some(workload) = context.local_workload_at(target.ip()) else {
-        warn!(%target, source = %request.peer_identity, "HBONE target is not a workload on this node");
-        return request.reject(StatusCode::BAD_REQUEST);
+    let workload = match tunnel_target(&context, request.local_address, target) {
+        Ok(workload) => workload,
+        Err(refused) => {
+            warn!(
+                listener = %request.local_address, dst.addr = %target, src.addr = %request.peer_address,
+                src.identity = %request.peer_identity, reason = %refused, "HBONE CONNECT refused with 400"
+            );
+            return request.reject(StatusCode::BAD_REQUEST);
+        }
     };
     let (peer, identity) = (request.peer_address, request.peer_identity.clone());
     serve(
@@ -82,8 +129,12 @@ pub async fn handle_plaintext<S: CertificateSource>(context: Arc<Context<S>>, st
         Ok(peer) => peer,
         Err(error) => return debug!(%error, "plaintext connection gone before it was served"),
     };
+    if ZTUNNEL_PORTS.contains(&target.port()) {
+        let refused = TargetRefused::ZtunnelPort { target };
+        return warn!(dst.addr = %target, src.addr = %peer, reason = %refused, "plaintext connection refused; closing");
+    }
     let Some(workload) = context.local_workload_at(target.ip()) else {
-        return warn!(%target, source = %peer, "plaintext target is not a workload on this node; closing");
+        return warn!(dst.addr = %target, src.addr = %peer, "plaintext target is not a workload on this node; closing");
     };
     serve(context, Client::Plaintext(stream), peer, None, workload, target).await
 }
@@ -155,7 +206,7 @@ async fn serve<S: CertificateSource>(
         Client::Plaintext(stream) => Accepted::Plaintext(stream),
     };
     let registration = context.connections.register(&workload, &connection);
-    let accounting = description.open(&context.metrics, context.in_flight.clone());
+    let accounting = description.open(&context.metrics, context.in_flight.token());
     // The copying gets a task of its own, sized for it alone: an idle connection holds no setup state.
     tokio::spawn(carry(client, app, accounting, registration));
 }

@@ -28,8 +28,10 @@ use mesh_core::state::{NetworkAddress, State, ip_from_bytes, service_key};
 /// Why an outbound connection could not be carried.
 #[derive(Debug, thiserror::Error)]
 pub enum OutboundError {
-    #[error("source {0} is not a known workload")]
+    #[error("source {0} is not a workload on this node")]
     UnknownSource(IpAddr),
+    #[error("{destination} is one of ztunnel's own ports on the source itself")]
+    SelfCall { destination: SocketAddr },
     #[error("no healthy endpoint for service {service}:{port}")]
     NoHealthyEndpoint { service: String, port: u16 },
     #[error("waypoint {waypoint} of {destination} has no healthy endpoint")]
@@ -221,10 +223,21 @@ impl<S: CertificateSource> Outbound<S> {
 
     /// Resolves `destination` and opens the next hop (counted and logged when refused).
     pub async fn open(&self, source: SocketAddr, destination: SocketAddr) -> Result<Opened, OutboundError> {
+        // Only this node's workloads are carried: ztunnel never relays for anyone else.
         let source_workload = self
             .context
-            .workload_at(source.ip())
+            .local_workload_at(source.ip())
             .ok_or(OutboundError::UnknownSource(source.ip()))?;
+        let own_address = destination.ip().is_loopback()
+            || source_workload
+                .addresses
+                .iter()
+                .any(|a| ip_from_bytes(a) == Some(destination.ip()));
+        if own_address && super::inbound::ZTUNNEL_PORTS.contains(&destination.port()) {
+            let error = OutboundError::SelfCall { destination };
+            warn!(%source, %destination, %error, "connection refused");
+            return Err(error);
+        }
         let route = self
             .route(&source_workload, destination)
             .inspect_err(|error| warn!(%source, %destination, %error, "connection refused"))?;
@@ -316,7 +329,7 @@ impl<S: CertificateSource> Outbound<S> {
             }
         };
         Ok(Opened {
-            accounting: description.open(metrics, self.context.in_flight.clone()),
+            accounting: description.open(metrics, self.context.in_flight.token()),
             upstream,
         })
     }
