@@ -156,6 +156,7 @@ impl Config {
             domain_suffix: self.domain_suffix.clone(),
             root_namespace: self.root_namespace.clone(),
             network: self.network.clone(),
+            require_redirection: self.kubernetes,
         }
     }
 

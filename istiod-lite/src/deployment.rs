@@ -20,10 +20,8 @@ pub mod render;
 pub mod status;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
-use tracing::{info, warn};
 
 /// On every object we create: says who manages it, and that we may overwrite it. Objects of the
 /// Gateway's name without it are never taken over (Istio's `gateway.istio.io/managed`).
@@ -98,28 +96,11 @@ impl Error {
 
 /// Runs while `leading` is true; stops writing at once when it turns false, and resumes when it
 /// turns true again. Returns when the sender of `leading` is dropped (shutdown).
-pub async fn run(client: kube::Client, settings: Settings, mut leading: watch::Receiver<bool>) {
-    loop {
-        if leading.wait_for(|leading| *leading).await.is_err() {
-            return;
-        }
-        info!("leading: deploying waypoints");
-        let mut lost = leading.clone();
-        // `Some(true)`: leadership lost; `Some(false)`: the sender is gone; `None`: work ended.
-        let lost = tokio::select! {
-            _ = work(client.clone(), settings.clone(), leading.clone()) => None,
-            lost = async { lost.wait_for(|leading| !*leading).await.is_ok() } => Some(lost),
-        };
-        match lost {
-            Some(true) => info!("not leading any more: stopped deploying waypoints"),
-            Some(false) => return,
-            None => {
-                // The watches retry forever, so this is not expected; start over after a pause.
-                warn!("waypoint deployment controller stopped; restarting");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-    }
+pub async fn run(client: kube::Client, settings: Settings, leading: watch::Receiver<bool>) {
+    crate::leader::while_leading("waypoint deployment", leading, |leading| {
+        work(client.clone(), settings.clone(), leading)
+    })
+    .await;
 }
 
 /// One term of leadership: the GatewayClass loop and the Gateway controller, sharing the classes.
@@ -159,6 +140,7 @@ fn still_leading(
 #[cfg(test)]
 mod tests {
     use serde_json::json;
+    use std::time::Duration;
 
     use super::*;
     use crate::deployment::fake::FakeApi;

@@ -161,12 +161,33 @@ async fn try_acquire_or_renew(
     }
 }
 
-/// Resolves once `leading` is true.
-pub async fn acquired(leading: &mut watch::Receiver<bool>) -> bool {
-    leading.wait_for(|l| *l).await.is_ok()
-}
-
-/// Resolves once `leading` is false (or the election ended).
-pub async fn lost(leading: &mut watch::Receiver<bool>) {
-    let _ = leading.wait_for(|l| !*l).await;
+/// Runs `work` (named `what` in logs) during each term of leadership: started when `leading`
+/// turns true, dropped at once when it turns false (so nothing is written after the lease is
+/// lost), restarted after a pause if it ends by itself. Returns when the election ends.
+pub async fn while_leading<F, Fut>(what: &str, mut leading: watch::Receiver<bool>, work: F)
+where
+    F: Fn(watch::Receiver<bool>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    loop {
+        if leading.wait_for(|leading| *leading).await.is_err() {
+            return;
+        }
+        info!(what, "leading: started");
+        let mut lost = leading.clone();
+        // `Some(true)`: leadership lost; `Some(false)`: the election ended; `None`: work ended.
+        let lost = tokio::select! {
+            () = work(leading.clone()) => None,
+            lost = async { lost.wait_for(|leading| !*leading).await.is_ok() } => Some(lost),
+        };
+        match lost {
+            Some(true) => info!(what, "not leading any more: stopped"),
+            Some(false) => return,
+            None => {
+                // Watches retry forever, so this is not expected; start over after a pause.
+                warn!(what, "stopped by itself while leading; restarting");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
 }

@@ -10,6 +10,7 @@ pub mod deployment;
 pub mod grpc;
 pub mod leader;
 pub mod objects;
+pub mod root_cert;
 pub mod source;
 pub mod store;
 pub mod translate;
@@ -89,6 +90,13 @@ pub async fn run(config: Arc<Config>, signals: Signals, log: LogHandle) -> anyho
     if let Some(client) = &kube {
         let (leading, elected) = tokio::sync::watch::channel(false);
         lifecycle.spawn(leader::run(client.clone(), config.lease(), leading));
+        let root = authority.pem().root_cert.clone();
+        lifecycle.spawn(root_cert::run(
+            client.clone(),
+            root,
+            config.deployment().field_manager,
+            elected.clone(),
+        ));
         lifecycle.spawn(deployment::run(client.clone(), config.deployment(), elected));
     }
 

@@ -29,6 +29,10 @@ pub struct Mesh {
     /// Policies here without a selector apply mesh-wide.
     pub root_namespace: String,
     pub network: String,
+    /// A pod speaks HBONE only once its node agent has annotated it
+    /// `ambient.istio.io/redirection: enabled` (on Kubernetes, where that agent runs): no peer
+    /// ever tunnels to a pod whose capture is not in place yet.
+    pub require_redirection: bool,
 }
 
 impl Default for Mesh {
@@ -39,6 +43,7 @@ impl Default for Mesh {
             domain_suffix: "cluster.local".into(),
             root_namespace: "istio-system".into(),
             network: String::new(),
+            require_redirection: false,
         }
     }
 }

@@ -113,6 +113,32 @@ async fn the_binary_follows_the_api_through_relists_and_outages() {
             "demo/server.demo.svc.cluster.local"
         ]
     );
+    // The leader publishes the root to every namespace, and puts it back when it goes.
+    let root_in = |api: &ApiServer, namespace: &str| {
+        api.get("v1", "ConfigMap", Some(namespace), "istio-ca-root-cert")
+            .and_then(|c| c["data"]["root-cert.pem"].as_str().map(str::to_owned))
+    };
+    assert!(
+        api.wait_until(
+            |api| root_in(api, "demo").as_deref() == Some(root.as_str()),
+            Duration::from_secs(10)
+        )
+        .await,
+        "no istio-ca-root-cert in demo"
+    );
+    api.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "late"}}));
+    assert!(api.delete("v1", "ConfigMap", Some("demo"), "istio-ca-root-cert"));
+    for namespace in ["late", "demo"] {
+        assert!(
+            api.wait_until(
+                |api| root_in(api, namespace).as_deref() == Some(root.as_str()),
+                Duration::from_secs(10)
+            )
+            .await,
+            "the root was not (re)published in {namespace}"
+        );
+    }
+
     let mut policies = Subscription::open(istiod.tls_channel(&root).await, AUTHORIZATION_TYPE_URL, Some(&token))
         .await
         .unwrap();

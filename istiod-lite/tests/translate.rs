@@ -15,11 +15,15 @@ use mesh_core::proto::workload::{
 };
 
 fn load(yaml: &str) -> Translation {
+    load_with(yaml, &Mesh::default())
+}
+
+fn load_with(yaml: &str, mesh: &Mesh) -> Translation {
     let mut reader = yaml.as_bytes();
     let objects: Vec<_> = serde_saphyr::read::<_, serde_json::Value>(&mut reader)
         .map(|document| objects::parse(document.unwrap()).unwrap())
         .collect();
-    translate(&Objects::new(objects), &Mesh::default())
+    translate(&Objects::new(objects), mesh)
 }
 
 fn workload<'a>(translation: &'a Translation, name: &str) -> &'a Workload {
@@ -145,6 +149,33 @@ fn enrolment_follows_pod_then_namespace_and_skips_sidecars() {
         tunnel("sidecar"),
         TunnelProtocol::None,
         "sidecar pods are never captured"
+    );
+}
+
+#[test]
+fn on_kubernetes_a_pod_speaks_hbone_only_once_its_capture_is_reported() {
+    let yaml = "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}\n---\n\
+        apiVersion: v1\nkind: Pod\nmetadata: {name: starting, namespace: demo}\nspec: {nodeName: n1, containers: []}\nstatus: {podIP: 10.0.0.1}\n---\n\
+        apiVersion: v1\nkind: Pod\nmetadata: {name: captured, namespace: demo, annotations: {ambient.istio.io/redirection: enabled}}\n\
+        spec: {nodeName: n1, containers: []}\nstatus: {podIP: 10.0.0.2}\n";
+    let mesh = Mesh {
+        require_redirection: true,
+        ..Mesh::default()
+    };
+    let t = load_with(yaml, &mesh);
+    let tunnel = |name| TunnelProtocol::try_from(workload(&t, name).tunnel_protocol).unwrap();
+    assert_eq!(
+        tunnel("starting"),
+        TunnelProtocol::None,
+        "no annotation yet: not reached over HBONE"
+    );
+    assert_eq!(tunnel("captured"), TunnelProtocol::Hbone);
+    let files = load(yaml);
+    let tunnel = |name| TunnelProtocol::try_from(workload(&files, name).tunnel_protocol).unwrap();
+    assert_eq!(
+        tunnel("starting"),
+        TunnelProtocol::Hbone,
+        "the lab's files need no agent annotation"
     );
 }
 

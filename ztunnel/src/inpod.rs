@@ -30,6 +30,7 @@ const RECONNECT: Duration = Duration::from_millis(200);
 /// A pod ztunnel serves.
 struct Pod {
     name: String,
+    netns: Arc<NetNs>,
     ips: Vec<IpAddr>,
     identity: Option<SpiffeId>,
     signal: drain::Signal,
@@ -108,10 +109,6 @@ impl<S: CertificateSource> Inpod<S> {
                         named.insert(add.uid.clone());
                     }
                     match fd {
-                        Some(fd) if pods.contains_key(&add.uid) => {
-                            drop(fd);
-                            Ok(())
-                        }
                         Some(fd) => self.add(pods, add, fd).await,
                         None => Err(format!("AddWorkload {} came without its network namespace", add.uid)),
                     }
@@ -149,7 +146,9 @@ impl<S: CertificateSource> Inpod<S> {
         }
     }
 
-    /// Opens the pod's listeners inside its namespace; the pod is served once this returns.
+    /// Opens the pod's listeners inside its namespace; the pod is served once this returns. A pod
+    /// already held in the same namespace (a snapshot after a reconnect) stays as it is; one held
+    /// in another namespace (its sandbox was recreated) is replaced.
     async fn add(
         &self,
         pods: &mut HashMap<String, Pod>,
@@ -159,11 +158,20 @@ impl<S: CertificateSource> Inpod<S> {
         let info = add.workload_info.unwrap_or_default();
         let name = format!("{}/{}", info.namespace, info.name);
         let label = format!("pod {name} ({})", add.uid);
-        let (netns, ips, listeners) = tokio::task::spawn_blocking(move || {
-            let netns = NetNs::from_fd(fd, label)?;
-            let ips = netns.addresses()?;
-            let listeners = PodListeners::bind_in(&netns)?;
-            Ok::<_, std::io::Error>((Arc::new(netns), ips, listeners))
+        let netns = tokio::task::spawn_blocking(move || NetNs::from_fd(fd, label))
+            .await
+            .map_err(|e| format!("pod {name}: {e}"))?
+            .map_err(|e| format!("pod {name}: not a network namespace: {e}"))?;
+        if let Some(held) = pods.get(&add.uid) {
+            if *held.netns == netns {
+                return Ok(());
+            }
+            self.remove(pods, &add.uid);
+        }
+        let netns = Arc::new(netns);
+        let opening = netns.clone();
+        let (ips, listeners) = tokio::task::spawn_blocking(move || {
+            Ok::<_, std::io::Error>((opening.addresses()?, PodListeners::bind_in(&opening)?))
         })
         .await
         .map_err(|e| format!("pod {name}: {e}"))?
@@ -182,6 +190,7 @@ impl<S: CertificateSource> Inpod<S> {
             add.uid,
             Pod {
                 name,
+                netns,
                 ips,
                 identity,
                 signal,

@@ -54,6 +54,14 @@ pub fn enrolled(objects: &Objects, pod: &Pod) -> bool {
     }
 }
 
+/// Whether peers send a pod HBONE: it is enrolled and, where the mesh requires it, its node
+/// agent has reported the capture in place.
+fn speaks_hbone(objects: &Objects, mesh: &Mesh, pod: &Pod) -> bool {
+    enrolled(objects, pod)
+        && (!mesh.require_redirection
+            || label(pod.metadata.annotations.as_ref(), REDIRECTION_ANNOTATION) == Some("enabled"))
+}
+
 pub fn from_pods(
     objects: &Objects,
     mesh: &Mesh,
@@ -101,7 +109,7 @@ pub fn from_pods(
             uid: format!("{}//Pod/{namespace}/{name}", mesh.cluster_id),
             addresses,
             network: mesh.network.clone(),
-            tunnel_protocol: if enrolled(objects, pod) {
+            tunnel_protocol: if speaks_hbone(objects, mesh, pod) {
                 TunnelProtocol::Hbone
             } else {
                 TunnelProtocol::None
