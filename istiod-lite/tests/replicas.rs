@@ -180,7 +180,7 @@ async fn one_replica_writes_and_the_other_takes_over_when_it_dies() {
         &service.to_string(),
         "istiod.istio-system.svc",
         &root,
-        Some(&workload_token),
+        Some(workload_token.as_str().into()),
     )
     .unwrap();
     let node = mesh_core::control::node("ztunnel", "10.0.1.100", "node-1");

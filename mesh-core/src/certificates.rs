@@ -28,8 +28,8 @@ pub enum CertificateError {
     WrongIdentity { asked: String, got: String },
     #[error("certificate: {0}")]
     Certificate(Arc<crate::identity::CertificateError>),
-    #[error("node token is not a valid header value")]
-    Token,
+    #[error("{0}")]
+    Token(String),
     #[error("no valid certificate for {identity} yet: {reason}")]
     Unavailable { identity: String, reason: String },
 }

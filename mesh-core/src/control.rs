@@ -1,7 +1,7 @@
 //! The connection to the control plane that every data-plane program makes: where xDS and the CA
 //! are, the mesh's roots, the bearer token, and the clients built from them.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use rustls::RootCertStore;
 
 use crate::certificates::CaClient;
+use crate::token::BearerToken;
 use crate::xds;
 
 /// Flags shared by ztunnel and the waypoint.
@@ -21,10 +22,19 @@ pub struct ControlArgs {
     /// The CA's address, in the same form (default: the xDS address).
     #[arg(long, env = "CA_ADDRESS")]
     pub ca_address: Option<String>,
-    /// PEM root certificate(s) of the mesh: verify the controller and every peer.
+    /// PEM root certificate(s) of the mesh: verify the controller and every peer. Default:
+    /// XDS_ROOT_CA, else ./var/run/secrets/istio/root-cert.pem (where Istio's charts mount it).
     #[arg(long, env = "ROOT_CERT")]
-    pub root_cert: PathBuf,
-    /// File holding the bearer token for the controller and the CA.
+    pub root_cert: Option<PathBuf>,
+    /// Istio's name for the controller's root: a PEM file path, or the PEM itself.
+    #[arg(long, env = "XDS_ROOT_CA")]
+    pub xds_root_ca: Option<String>,
+    /// Istio's name for the CA's root when it differs from the controller's (path or PEM).
+    #[arg(long, env = "CA_ROOT_CA")]
+    pub ca_root_ca: Option<String>,
+    /// File holding the bearer token for the controller and the CA, read again at every use
+    /// (the kubelet rotates projected tokens). Default: ./var/run/secrets/tokens/istio-token when
+    /// it exists (Istio's projected token path).
     #[arg(long, env = "NODE_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
     /// Validity asked for workload certificates (e.g. 24h).
@@ -82,38 +92,79 @@ impl ControlArgs {
             None => Ok(xds_address.clone()),
         }
         .map_err(anyhow::Error::msg)?;
-        let root_pem = std::fs::read_to_string(&self.root_cert)
-            .with_context(|| format!("--root-cert {}", self.root_cert.display()))?;
-        let roots = crate::identity::certificate::parse_certificates("--root-cert", &root_pem)?;
-        let roots = Arc::new(crate::identity::certificate::root_store(&roots)?);
-        let token = match &self.token_file {
-            Some(path) => Some(
-                std::fs::read_to_string(path)
-                    .with_context(|| format!("--token-file {}", path.display()))?
-                    .trim()
-                    .to_owned(),
-            ),
-            None => None,
+        let root_pem = self.root_pem()?;
+        let ca_root_pem = match &self.ca_root_ca {
+            Some(value) => pem_or_file("CA_ROOT_CA", value)?,
+            None => root_pem.clone(),
         };
-        let server = |address: &ServerAddress| -> anyhow::Result<xds::Server> {
+        let roots = crate::identity::certificate::parse_certificates("the root certificate", &root_pem)?;
+        let roots = Arc::new(crate::identity::certificate::root_store(&roots)?);
+        let token = self.token()?;
+        let server = |address: &ServerAddress, root_pem: &str| -> anyhow::Result<xds::Server> {
             Ok(if address.tls {
-                xds::Server::tls(&address.authority, &address.host, &root_pem, token.as_deref())?
+                xds::Server::tls(&address.authority, &address.host, root_pem, token.clone())?
             } else {
                 xds::Server::plaintext(&address.authority)?
             })
         };
         let ca = CaClient::new(
-            server(&ca_address)?.connect_lazy(),
-            token.as_deref(),
+            server(&ca_address, &ca_root_pem)?.connect_lazy(),
+            token.clone(),
             roots.clone(),
             self.cert_ttl,
         )?;
         Ok(ControlPlane {
-            xds: server(&xds_address)?,
+            xds: server(&xds_address, &root_pem)?,
             ca,
             roots,
         })
     }
+
+    /// The mesh's root: --root-cert, else XDS_ROOT_CA, else Istio's mount path.
+    fn root_pem(&self) -> anyhow::Result<String> {
+        if let Some(path) = &self.root_cert {
+            return std::fs::read_to_string(path).with_context(|| format!("--root-cert {}", path.display()));
+        }
+        if let Some(value) = &self.xds_root_ca {
+            return pem_or_file("XDS_ROOT_CA", value);
+        }
+        let default = Path::new(ISTIO_ROOT_CERT);
+        if default.exists() {
+            return std::fs::read_to_string(default).with_context(|| format!("root certificate {ISTIO_ROOT_CERT}"));
+        }
+        anyhow::bail!(
+            "no root certificate: pass --root-cert (ROOT_CERT) or XDS_ROOT_CA, or mount it at {ISTIO_ROOT_CERT}"
+        )
+    }
+
+    /// --token-file, else Istio's projected token path when it exists, else none.
+    fn token(&self) -> anyhow::Result<Option<BearerToken>> {
+        let path = match &self.token_file {
+            Some(path) => path.clone(),
+            None if Path::new(ISTIO_TOKEN).exists() => PathBuf::from(ISTIO_TOKEN),
+            None => return Ok(None),
+        };
+        let token = BearerToken::File(path);
+        // Read once now, so a missing or empty file fails at start with its name.
+        token.header().context("--token-file")?;
+        Ok(Some(token))
+    }
+}
+
+/// Where Istio's charts mount the mesh root and the projected token (relative to the working
+/// directory, `/` in Istio's images).
+const ISTIO_ROOT_CERT: &str = "./var/run/secrets/istio/root-cert.pem";
+const ISTIO_TOKEN: &str = "./var/run/secrets/tokens/istio-token";
+
+/// Istio's convention for XDS_ROOT_CA / CA_ROOT_CA: a file path, or the PEM itself.
+fn pem_or_file(variable: &str, value: &str) -> anyhow::Result<String> {
+    if value.trim_start().starts_with("-----BEGIN") {
+        return Ok(value.to_owned());
+    }
+    if value == "SYSTEM" {
+        anyhow::bail!("{variable}=SYSTEM (the system trust store) is not supported: the mesh root is private");
+    }
+    std::fs::read_to_string(value).with_context(|| format!("{variable} {value}"))
 }
 
 /// The xDS node for a program on `node` (`ztunnel~node~node`, Istio's form) with NODE_NAME set.

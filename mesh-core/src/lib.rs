@@ -13,5 +13,6 @@ pub mod netns;
 pub mod proto;
 pub mod state;
 pub mod telemetry;
+pub mod token;
 pub mod xds;
 pub mod zds;

@@ -9,7 +9,6 @@ use std::time::Duration;
 use prost_types::Any;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use tracing::{debug, info, warn};
 
@@ -18,6 +17,7 @@ use crate::proto::discovery::aggregated_discovery_service_client::AggregatedDisc
 use crate::proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use crate::proto::envoy::config::core::v3::Node;
 use crate::proto::google::rpc::Status as RpcStatus;
+use crate::token::BearerToken;
 
 /// One resource of a response.
 #[derive(Clone, Debug, PartialEq)]
@@ -54,15 +54,13 @@ pub enum XdsError {
     Address(String),
     #[error("TLS configuration: {0}")]
     Tls(tonic::transport::Error),
-    #[error("bearer token is not a valid header value")]
-    Token,
 }
 
 /// Where and how to reach the server.
 #[derive(Clone, Debug)]
 pub struct Server {
     endpoint: Endpoint,
-    token: Option<MetadataValue<Ascii>>,
+    token: Option<BearerToken>,
 }
 
 impl Server {
@@ -77,7 +75,7 @@ impl Server {
     }
 
     /// A TLS server verified against `root_pem` under `domain`, authenticated with a bearer token.
-    pub fn tls(address: &str, domain: &str, root_pem: &str, token: Option<&str>) -> Result<Self, XdsError> {
+    pub fn tls(address: &str, domain: &str, root_pem: &str, token: Option<BearerToken>) -> Result<Self, XdsError> {
         let endpoint = Endpoint::from_shared(format!("https://{address}"))
             .map_err(|_| XdsError::Address(address.to_owned()))?
             .tls_config(
@@ -86,9 +84,6 @@ impl Server {
                     .domain_name(domain),
             )
             .map_err(XdsError::Tls)?;
-        let token = token
-            .map(|t| MetadataValue::try_from(format!("Bearer {t}")).map_err(|_| XdsError::Token))
-            .transpose()?;
         Ok(Self {
             endpoint: tuned(endpoint),
             token,
@@ -202,7 +197,11 @@ impl<H: Handler> Client<H> {
         let mut client =
             AggregatedDiscoveryServiceClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
                 if let Some(token) = &token {
-                    request.metadata_mut().insert("authorization", token.clone());
+                    // Read per stream: a rotated token is picked up at the next reconnect.
+                    let header = token
+                        .header()
+                        .map_err(|e| tonic::Status::unauthenticated(e.to_string()))?;
+                    request.metadata_mut().insert("authorization", header);
                 }
                 Ok(request)
             })

@@ -29,6 +29,11 @@ pub struct Lab {
 
 /// Logs of the in-process components: none, unless `MESH_TESTS_LOG` holds a filter (e.g.
 /// `info` or `ztunnel=debug`), for a scenario being debugged.
+/// istiod-lite's endpoints in the in-process lab.
+const ISTIOD_ADMIN_PORT: u16 = 16000;
+const ISTIOD_METRICS_PORT: u16 = 16014;
+const ISTIOD_READINESS_PORT: u16 = 16021;
+
 fn quiet_log() -> LogHandle {
     if let Ok(filter) = std::env::var("MESH_TESTS_LOG") {
         let _ = tracing_subscriber::fmt()
@@ -57,6 +62,20 @@ impl Lab {
 
     /// As [`Lab::start`], with extra ztunnel flags.
     pub async fn start_with(base: u8, yaml: &str, nodes: &[&str], ztunnel_args: &[String]) -> anyhow::Result<Self> {
+        let mut lab = Self::controller(base, yaml, nodes).await?;
+        for node in nodes {
+            lab.add_ztunnel(node, ztunnel_args)?;
+        }
+        for index in 1..=nodes.len() {
+            lab.wait_ready(format!("{}:15021", lab.node_host(index)).parse()?)
+                .await?;
+        }
+        Ok(lab)
+    }
+
+    /// istiod-lite alone (TLS on 127.<base>.0.1:15012), with a node token `token-of-<node>` for
+    /// each of `nodes`, for scenarios that run their own ztunnels.
+    pub async fn controller(base: u8, yaml: &str, nodes: &[&str]) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!("mesh-lab-{base}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         for sub in ["config", "ca", "tokens"] {
@@ -82,19 +101,14 @@ impl Lab {
             format!("--node-tokens-dir={}", lab.dir.join("tokens").display()),
             format!("--xds-plaintext-addr={istiod}"),
             format!("--xds-addr=127.{base}.0.1:15012"),
-            format!("--admin-addr=127.{base}.0.1:15000"),
-            format!("--metrics-addr=127.{base}.0.1:15014"),
-            format!("--readiness-addr=127.{base}.0.1:15021"),
+            format!("--dns-names=istiod.istio-system.svc,127.{base}.0.1"),
+            // Not the usual ports: a scenario may run a ztunnel on its default (wildcard) ones.
+            format!("--admin-addr=127.{base}.0.1:{ISTIOD_ADMIN_PORT}"),
+            format!("--metrics-addr=127.{base}.0.1:{ISTIOD_METRICS_PORT}"),
+            format!("--readiness-addr=127.{base}.0.1:{ISTIOD_READINESS_PORT}"),
         ])?;
         lab.istiod_config = Some(Arc::new(config));
         lab.start_istiod().await?;
-        for node in nodes {
-            lab.add_ztunnel(node, ztunnel_args)?;
-        }
-        for index in 1..=nodes.len() {
-            lab.wait_ready(format!("{}:15021", lab.node_host(index)).parse()?)
-                .await?;
-        }
         Ok(lab)
     }
 
@@ -102,7 +116,7 @@ impl Lab {
     /// root, so a restarted controller signs for the same mesh.
     pub async fn start_istiod(&mut self) -> anyhow::Result<()> {
         let config = self.istiod_config.clone().expect("set by start");
-        let readiness: SocketAddr = format!("127.{}.0.1:15021", self.base).parse()?;
+        let readiness: SocketAddr = format!("127.{}.0.1:{ISTIOD_READINESS_PORT}", self.base).parse()?;
         let (runtime, _) = on_own_runtime(1, "istiod-lite", move || {
             let config = config.clone();
             async move { istiod_lite::run(config, Signals::install()?, quiet_log()).await }

@@ -90,3 +90,20 @@ pub async fn http_app(address: &str, name: &'static str) -> Arc<std::sync::atomi
     let listener = tokio::net::TcpListener::bind(address).await.expect("bind the app");
     mesh_lab::component::serve_http(listener, name.to_owned())
 }
+
+/// A binary of the workspace, built beside the test executables (`cargo test --workspace` builds
+/// every one); the error says how to build it when it is missing.
+pub fn workspace_binary(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .ok_or_else(|| anyhow::anyhow!("{} has no profile directory", exe.display()))?;
+    let binary = profile_dir.join(name);
+    anyhow::ensure!(
+        binary.is_file(),
+        "{} is not built: run `cargo build -p <its package>` (cargo test --workspace builds it)",
+        binary.display()
+    );
+    Ok(binary)
+}

@@ -52,7 +52,7 @@ async fn gets_certificates_for_its_pods_only() {
         .connect_lazy();
     let client = CaClient::new(
         channel,
-        Some("token-1"),
+        Some("token-1".into()),
         authority.roots().clone(),
         Duration::from_secs(3600),
     )

@@ -55,6 +55,10 @@ pub struct Config {
     /// Readiness probe (/healthz/ready).
     #[arg(long, env = "ZTUNNEL_READINESS_ADDR", default_value = "0.0.0.0:15021")]
     pub readiness_addr: SocketAddr,
+    /// Istio's ztunnel is started as `ztunnel proxy ztunnel`: those words are accepted so its
+    /// chart can run this binary unchanged, and nothing else is.
+    #[arg(hide = true, num_args = 0..=2, value_parser = ["proxy", "ztunnel"])]
+    pub istio_command: Vec<String>,
     /// How long open connections may take to finish after SIGTERM (e.g. 30s, 1m).
     #[arg(long, env = "ZTUNNEL_DRAIN_DEADLINE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_deadline: Duration,

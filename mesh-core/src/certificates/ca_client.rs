@@ -9,16 +9,16 @@ use crate::proto::ca::IstioCertificateRequest;
 use crate::proto::ca::istio_certificate_service_client::IstioCertificateServiceClient;
 use prost_types::{Struct, Value, value::Kind};
 use rustls::RootCertStore;
-use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 
 use super::{CertificateError, CertificateSource};
+use crate::token::BearerToken;
 
 /// Signs certificates through `istio.v1.auth.IstioCertificateService`.
 #[derive(Clone, Debug)]
 pub struct CaClient {
     channel: Channel,
-    token: Option<MetadataValue<Ascii>>,
+    token: Option<BearerToken>,
     roots: Arc<RootCertStore>,
     validity: Duration,
 }
@@ -27,13 +27,10 @@ impl CaClient {
     /// `roots` verify the chains the CA returns and become the certificates' trust anchors.
     pub fn new(
         channel: Channel,
-        token: Option<&str>,
+        token: Option<BearerToken>,
         roots: Arc<RootCertStore>,
         validity: Duration,
     ) -> Result<Self, CertificateError> {
-        let token = token
-            .map(|t| MetadataValue::try_from(format!("Bearer {t}")).map_err(|_| CertificateError::Token))
-            .transpose()?;
         Ok(Self {
             channel,
             token,
@@ -61,7 +58,8 @@ impl CertificateSource for CaClient {
             metadata: Some(metadata),
         });
         if let Some(token) = &self.token {
-            call.metadata_mut().insert("authorization", token.clone());
+            let header = token.header().map_err(|e| CertificateError::Token(e.to_string()))?;
+            call.metadata_mut().insert("authorization", header);
         }
         let response = IstioCertificateServiceClient::new(self.channel.clone())
             .create_certificate(call)
