@@ -202,7 +202,14 @@ async fn the_ca_and_xds_authenticate_callers_with_token_review() {
     api.apply(pod("elsewhere", "10.0.2.1", "node-2", "other"));
     api.apply(pod("client", "10.0.1.9", "node-1", "client"));
     let scratch = Scratch::new("kube-ca");
-    let istiod = start(&api, &scratch, &[]);
+    // A directory of YAML beside the API: both sources feed one configuration.
+    std::fs::write(
+        scratch.path("config").join("extra.yaml"),
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: from-file, namespace: demo}\nspec: {nodeName: node-1, containers: []}\nstatus: {podIP: 10.0.1.50}\n",
+    )
+    .unwrap();
+    let config_dir = format!("--config-dir={}", scratch.path("config").display());
+    let istiod = start(&api, &scratch, &[&config_dir]);
     block_in_place(|| istiod.wait_ready(Duration::from_secs(20)));
     let root = root_of(&api);
     let id = |sa: &str| SpiffeId::new("cluster.local", "demo", sa).unwrap();
@@ -298,7 +305,10 @@ async fn the_ca_and_xds_authenticate_callers_with_token_review() {
     )
     .await
     .unwrap();
-    assert!(names(&served.next().await).contains(&"Kubernetes//Pod/demo/a".to_owned()));
+    let served = names(&served.next().await);
+    for name in ["Kubernetes//Pod/demo/a", "Kubernetes//Pod/demo/from-file"] {
+        assert!(served.contains(&name.to_owned()), "{name} not served: {served:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
