@@ -1,6 +1,7 @@
 //! The Kubernetes objects istiod-lite reads, typed: Namespace, Pod, Service (k8s-openapi), Istio's
 //! security and networking resources, and the Gateway API. [`parse`] turns one decoded YAML/JSON
-//! document into an [`Object`], naming the path of any bad field.
+//! document into an [`Object`], naming the path of any bad field: an unknown field in an Istio
+//! spec, or a policy part that is empty ([`istio::validate`]), is an error, never a match-all.
 
 pub mod gateway;
 pub mod istio;
@@ -188,7 +189,13 @@ pub fn parse(document: serde_json::Value) -> Result<Object, ParseError> {
         Kind::Namespace => Object::Namespace(typed(document, &field_error)?),
         Kind::Pod => Object::Pod(typed(document, &field_error)?),
         Kind::Service => Object::Service(typed(document, &field_error)?),
-        Kind::AuthorizationPolicy => Object::AuthorizationPolicy(typed(document, &field_error)?),
+        Kind::AuthorizationPolicy => {
+            let invalid = |e: istio::validate::Invalid| field_error(&e.path, e.reason);
+            istio::validate::explicit_empties(&document).map_err(invalid)?;
+            let policy: Arc<AuthorizationPolicy> = typed(document, &field_error)?;
+            policy.spec.validate().map_err(invalid)?;
+            Object::AuthorizationPolicy(policy)
+        }
         Kind::PeerAuthentication => Object::PeerAuthentication(typed(document, &field_error)?),
         Kind::ServiceEntry => Object::ServiceEntry(typed(document, &field_error)?),
         Kind::WorkloadEntry => Object::WorkloadEntry(typed(document, &field_error)?),

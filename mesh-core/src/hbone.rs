@@ -5,13 +5,16 @@
 //! tunnelled bytes as an [`H2Stream`].
 
 mod error;
+mod limits;
 mod pool;
 mod server;
 mod stream;
+mod transport;
 
 use std::time::Duration;
 
 pub use error::HboneError;
+pub use limits::{Admission, EVICTION_AGE, Limit, LimitArgs, ServerLimits};
 pub use pool::{Pool, PoolConfig, PoolKey};
 pub use server::{InboundRequest, Server, ServerCertificates};
 pub use stream::H2Stream;
@@ -41,14 +44,11 @@ impl Default for H2Settings {
     }
 }
 
-/// rustls reads the socket 4 KiB at a time; a buffer under TLS makes that one read syscall per
-/// 64 KiB. Per HBONE connection (shared by all its streams), not per stream.
-type Transport = tokio::io::BufReader<tokio::net::TcpStream>;
+use transport::Transport;
 
-fn transport(tcp: tokio::net::TcpStream) -> Transport {
-    let _ = tcp.set_nodelay(true);
-    tokio::io::BufReader::with_capacity(64 * 1024, tcp)
-}
+/// What the server's HTTP/2 runs on.
+type TlsTransport = tokio_rustls::server::TlsStream<Transport>;
 
-/// How long a TLS + HTTP/2 handshake may take before the attempt is abandoned.
+/// How long a client's TLS + HTTP/2 handshake may take before the attempt is abandoned (the
+/// server's is one of its [`ServerLimits`]).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

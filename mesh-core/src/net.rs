@@ -49,6 +49,23 @@ impl SocketFactory for Connector {
     }
 }
 
+/// Connections a listener queues before they are accepted: bursts of SYNs (every peer
+/// reconnecting after a restart) must not be dropped. `tokio::net::TcpListener::bind` and std's
+/// use 128.
+pub const LISTEN_BACKLOG: u32 = 1024;
+
+/// A listener on `address` with [`LISTEN_BACKLOG`] (SO_REUSEADDR set, as std and tokio do). The
+/// kernel caps the backlog at `net.core.somaxconn` (4096 by default since Linux 5.4).
+pub fn listen(address: SocketAddr) -> io::Result<tokio::net::TcpListener> {
+    let socket = match address {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Nagle off, the mark, the local address: what every proxy socket gets.
 pub fn prepare(socket: &TcpSocket, mark: Option<u32>, local: Option<IpAddr>) -> io::Result<()> {
     if let Some(mark) = mark {

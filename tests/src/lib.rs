@@ -53,6 +53,7 @@ impl Drop for Controller {
 
 pub mod lab;
 pub mod netns;
+pub mod peer;
 pub mod zds_peer;
 
 /// A test app on `address` that greets with `name`, then echoes until the client half-closes.

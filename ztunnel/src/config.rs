@@ -23,6 +23,8 @@ pub struct Config {
     pub node_name: String,
     #[command(flatten)]
     pub control: ControlArgs,
+    #[command(flatten)]
+    pub hbone: mesh_core::hbone::LimitArgs,
     /// Network of this node's workloads (empty for a single network).
     #[arg(long, env = "NETWORK", default_value = "")]
     pub network: String,

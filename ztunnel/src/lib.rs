@@ -60,6 +60,8 @@ pub async fn run(config: Arc<Config>, signals: Signals, log: LogHandle) -> anyho
         &config.network,
     );
     context.metrics = TcpMetrics::register(&mut registry);
+    context.admission = Arc::new(mesh_core::hbone::Admission::new(config.hbone.limits()));
+    context.admission.register(&mut registry);
     let pod_sockets = (config.redirect == RedirectMode::Inpod).then(|| Arc::new(PodSockets::new(config.mark())));
     context.sockets = match &pod_sockets {
         Some(pods) => pods.clone(),

@@ -117,7 +117,8 @@ impl PodListeners {
     ) {
         let handler_context = context.clone();
         let handler = move |request| inbound::handle_hbone(handler_context.clone(), request);
-        let server = Server::new(inbound::WorkloadCertificates(context.clone()));
+        let server =
+            Server::new(inbound::WorkloadCertificates(context.clone())).with_admission(context.admission.clone());
         tokio::spawn(server.serve(self.hbone, handler, watch.clone()));
 
         let inbound_context = context.clone();

@@ -34,6 +34,9 @@ pub struct Context<S> {
     /// Every open connection holds a token of it, so a graceful stop waits for them (up to its
     /// deadline): see [`Context::track_in_flight`].
     pub in_flight: tokio_util::task::TaskTracker,
+    /// The bounds every HBONE listener of this ztunnel shares (connections and streams per peer
+    /// identity and in total, handshakes): one pod's listener flooded never starves the others.
+    pub admission: Arc<mesh_core::hbone::Admission>,
 }
 
 impl<S> Context<S> {
@@ -47,6 +50,7 @@ impl<S> Context<S> {
             connections: Arc::default(),
             sockets: Connector::default().shared(),
             in_flight: tokio_util::task::TaskTracker::new(),
+            admission: Arc::default(),
         }
     }
 

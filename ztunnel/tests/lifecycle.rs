@@ -119,7 +119,7 @@ fn serves_readiness_and_metrics_then_drains_on_sigterm() {
     let _ = std::fs::remove_file(&root);
     assert_eq!(
         http_get(servers["readiness"], "/healthz/ready"),
-        (503, "not ready: waiting for certificates, xds\n".into()),
+        (503, "not ready: waiting for node-agent, xds\n".into()),
         "not ready without a controller"
     );
     let (status, metrics) = http_get(servers["metrics"], "/metrics");

@@ -1,6 +1,10 @@
 //! Istio's resources, with the fields ambient mode uses: AuthorizationPolicy and
 //! PeerAuthentication (security.istio.io/v1), ServiceEntry and WorkloadEntry
-//! (networking.istio.io/v1). Fields we do not use are ignored, not rejected.
+//! (networking.istio.io/v1). Every field Istio's API defines is known here; any other field in a
+//! spec is an error naming its path (a typo must never weaken a policy), while `metadata` stays
+//! lenient (Kubernetes adds fields there). See [`validate`] for what else a policy must hold.
+
+pub mod validate;
 
 use std::collections::BTreeMap;
 
@@ -10,6 +14,7 @@ use serde::{Deserialize, Serialize};
 /// `selector.matchLabels`: the workloads a policy applies to.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[serde(deny_unknown_fields)]
 pub struct WorkloadSelector {
     #[serde(default)]
     pub match_labels: BTreeMap<String, String>,
@@ -18,6 +23,7 @@ pub struct WorkloadSelector {
 /// `targetRef(s)`: what an L7 policy is attached to (a Gateway, a Service).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[serde(deny_unknown_fields)]
 pub struct PolicyTargetReference {
     #[serde(default)]
     pub group: String,
@@ -37,6 +43,7 @@ pub struct PolicyTargetReference {
     derive = "PartialEq"
 )]
 #[serde(rename_all = "camelCase")]
+#[serde(deny_unknown_fields)]
 pub struct AuthorizationPolicySpec {
     #[serde(default)]
     pub selector: Option<WorkloadSelector>,
@@ -46,9 +53,18 @@ pub struct AuthorizationPolicySpec {
     pub target_refs: Vec<PolicyTargetReference>,
     #[serde(default)]
     pub action: AuthorizationAction,
-    /// `None` and `Some([])` differ: an ALLOW policy without rules allows nothing.
+    /// An ALLOW policy without rules (absent or `[]`) allows nothing; `rules: [{}]` allows all.
     #[serde(default)]
     pub rules: Option<Vec<Rule>>,
+    /// The extension provider of a CUSTOM policy (which neither ztunnel nor a waypoint enforces).
+    #[serde(default)]
+    pub provider: Option<ExtensionProvider>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtensionProvider {
+    pub name: String,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,6 +79,7 @@ pub enum AuthorizationAction {
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[serde(deny_unknown_fields)]
 pub struct Rule {
     #[serde(default)]
     pub from: Vec<RuleFrom>,
@@ -73,19 +90,22 @@ pub struct Rule {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RuleFrom {
-    #[serde(default)]
+    /// Required, as in Istio: `from: [{}]` is an error, never "from anyone".
     pub source: Source,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RuleTo {
-    #[serde(default)]
+    /// Required, as in Istio: `to: [{}]` is an error, never "to anything".
     pub operation: Operation,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[serde(deny_unknown_fields)]
 pub struct Source {
     #[serde(default)]
     pub principals: Vec<String>,
@@ -99,6 +119,11 @@ pub struct Source {
     pub namespaces: Vec<String>,
     #[serde(default)]
     pub not_namespaces: Vec<String>,
+    /// Known so that the error says it is unsupported (see [`validate`]), not misspelt.
+    #[serde(default)]
+    pub service_accounts: Vec<String>,
+    #[serde(default)]
+    pub not_service_accounts: Vec<String>,
     #[serde(default)]
     pub ip_blocks: Vec<String>,
     #[serde(default)]
@@ -111,6 +136,7 @@ pub struct Source {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[serde(deny_unknown_fields)]
 pub struct Operation {
     #[serde(default)]
     pub hosts: Vec<String>,
@@ -132,6 +158,7 @@ pub struct Operation {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[serde(deny_unknown_fields)]
 pub struct Condition {
     pub key: String,
     #[serde(default)]
@@ -150,6 +177,7 @@ pub struct Condition {
     derive = "PartialEq"
 )]
 #[serde(rename_all = "camelCase")]
+#[serde(deny_unknown_fields)]
 pub struct PeerAuthenticationSpec {
     #[serde(default)]
     pub selector: Option<WorkloadSelector>,
@@ -161,6 +189,7 @@ pub struct PeerAuthenticationSpec {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MutualTls {
     #[serde(default)]
     pub mode: MtlsMode,
@@ -187,6 +216,7 @@ pub enum MtlsMode {
     derive = "PartialEq"
 )]
 #[serde(rename_all = "camelCase")]
+#[serde(deny_unknown_fields)]
 pub struct ServiceEntrySpec {
     pub hosts: Vec<String>,
     #[serde(default)]
@@ -203,10 +233,14 @@ pub struct ServiceEntrySpec {
     pub workload_selector: Option<ServiceEntrySelector>,
     #[serde(default)]
     pub subject_alt_names: Vec<String>,
+    /// Visibility across namespaces; istiod-lite shows every entry to every namespace.
+    #[serde(default)]
+    pub export_to: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[serde(deny_unknown_fields)]
 pub struct ServiceEntryPort {
     pub number: u16,
     #[serde(default)]
@@ -217,6 +251,7 @@ pub struct ServiceEntryPort {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ServiceEntrySelector {
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -248,6 +283,7 @@ pub enum ServiceEntryResolution {
     derive = "PartialEq"
 )]
 #[serde(rename_all = "camelCase")]
+#[serde(deny_unknown_fields)]
 pub struct WorkloadEntrySpec {
     #[serde(default)]
     pub address: String,

@@ -2,7 +2,8 @@
 //! global, namespace or workload-selector scope) and PeerAuthentication STRICT (a DENY of
 //! plaintext, port by port where asked). What ztunnel cannot enforce fails closed: an ALLOW rule
 //! that needs HTTP attributes (or holds a value that cannot be enforced) is dropped, a DENY rule
-//! loses those parts and so denies more; both are reported as partly applied.
+//! loses those parts and so denies more; both are reported as partly applied. A policy that
+//! fails validation (an empty source, say) admits nothing (ALLOW) or denies everything (DENY).
 
 mod peer;
 
@@ -98,6 +99,28 @@ pub fn convert(policy: &AuthorizationPolicy, mesh: &Mesh, reports: &mut Vec<Repo
         (None, true) => Scope::Global,
         (None, false) => Scope::Namespace,
     };
+    // The files source never lets an invalid policy through; from the API one can arrive (an
+    // empty source, say). It fails closed: an ALLOW admits nothing, a DENY denies everything.
+    if let Err(invalid) = spec.validate() {
+        let (rules, outcome) = match action {
+            Action::Allow => (Vec::new(), "it allows nothing"),
+            _ => (
+                vec![security::Rule { clauses: Vec::new() }],
+                "it denies every connection",
+            ),
+        };
+        reports.push(Report {
+            object,
+            message: format!("invalid, enforced fail-closed ({outcome}) until fixed: {invalid}"),
+        });
+        return Some(Authorization {
+            name,
+            namespace,
+            scope: scope as i32,
+            action: action as i32,
+            rules,
+        });
+    }
     let mut unenforceable = BTreeSet::new();
     let rules = spec
         .rules

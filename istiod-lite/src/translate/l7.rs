@@ -35,6 +35,11 @@ fn convert(policy: &AuthorizationPolicy, reports: &mut Vec<Report>) -> Option<L7
             message,
         })
     };
+    // As for L4: an invalid policy (from the API; files never pass one) fails closed.
+    let invalid = spec.validate().err();
+    if let Some(invalid) = &invalid {
+        report(format!("invalid, enforced fail-closed until fixed: {invalid}"));
+    }
     let mut targets = Vec::new();
     for (index, target) in references.iter().enumerate() {
         let target_namespace = target.namespace.clone().unwrap_or_else(|| namespace.clone());
@@ -56,6 +61,19 @@ fn convert(policy: &AuthorizationPolicy, reports: &mut Vec<Report>) -> Option<L7
             return None;
         }
     };
+    if invalid.is_some() {
+        let rules = match action {
+            l7_policy::Action::Allow => Vec::new(),
+            _ => vec![L7Rule::default()],
+        };
+        return Some(L7Policy {
+            name,
+            namespace,
+            targets,
+            action: action as i32,
+            rules,
+        });
+    }
     let mut rules = Vec::new();
     for (index, rule) in spec.rules.iter().flatten().enumerate() {
         let mut dropped = Vec::new();

@@ -25,6 +25,8 @@ pub enum HboneError {
     Accept { peer: SocketAddr, source: std::io::Error },
     #[error("handshake with {address} timed out")]
     Timeout { address: SocketAddr },
+    #[error("connection from {address} refused: bound {limit:?} reached")]
+    Refused { address: SocketAddr, limit: super::Limit },
     #[error("TLS configuration: {0}")]
     Tls(#[from] TlsError),
     #[error("HTTP/2 with {address}: {source}")]

@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::{H2Settings, H2Stream, HANDSHAKE_TIMEOUT, HboneError, Transport, transport};
+use super::{H2Settings, H2Stream, HANDSHAKE_TIMEOUT, HboneError, Transport};
 use crate::identity::{SpiffeId, WorkloadCertificate, tls};
 use crate::net::{self, Connector, SocketFactory};
 
@@ -87,7 +87,7 @@ impl ConnectionState {
     fn try_reserve(self: &Arc<Self>, max: usize) -> Option<StreamGuard> {
         self.streams
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n != CLOSED && n < max).then_some(n + 1)
+                (n != CLOSED && n < max).then(|| n + 1)
             })
             .ok()
             .map(|_| StreamGuard(self.clone()))
@@ -194,10 +194,12 @@ impl Pool {
             }
         }
         let connection = result?;
+        // A server may close a connection right after its handshake (GOAWAY: too many
+        // connections of this peer, say); the stream sent on it then fails with the reason.
         let guard = connection
             .state
             .try_reserve(usize::MAX - 1)
-            .expect("new connection is open");
+            .unwrap_or_else(|| StreamGuard(connection.state.clone()));
         self.inner
             .connections
             .lock()
@@ -216,10 +218,11 @@ impl Pool {
             let tcp = net::connect(&*sockets, address, key.source_address)
                 .await
                 .map_err(|source| HboneError::Connect { address, source })?;
-            let tls = tokio_rustls::TlsConnector::from(tls_config)
-                .connect(ServerName::IpAddress(address.ip().into()), transport(tcp))
+            let mut tls = tokio_rustls::TlsConnector::from(tls_config)
+                .connect(ServerName::IpAddress(address.ip().into()), Transport::new(tcp))
                 .await
                 .map_err(|source| handshake_error(key, source))?;
+            tls.get_mut().0.buffer();
             h2::client::Builder::new()
                 .initial_window_size(settings.stream_window)
                 .initial_connection_window_size(settings.connection_window)

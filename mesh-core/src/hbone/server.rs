@@ -18,7 +18,7 @@ use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info_span, warn};
 
 use super::limits::{Admitted, Handshaking, StreamPermit};
-use super::{Admission, H2Settings, H2Stream, HboneError, Limit, transport};
+use super::{Admission, H2Settings, H2Stream, HboneError, Limit, Transport};
 use crate::identity::{SpiffeId, tls};
 
 /// Chooses the TLS configuration for a connection by the address it arrived on (ztunnel serves
@@ -121,7 +121,7 @@ impl<C: ServerCertificates> Server<C> {
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        let (admitted, handshaking) = match self.admission.admit() {
+                        let (admitted, handshaking) = match self.admission.admit(peer.ip()) {
                             Ok(slots) => slots,
                             Err(limit) => {
                                 self.admission.refused(limit, peer, None);
@@ -192,10 +192,11 @@ impl<C: ServerCertificates> Connection<C> {
                 peer,
                 source: std::io::Error::other(e),
             })?;
-        let tls = tokio_rustls::TlsAcceptor::from(config)
-            .accept(transport(stream))
+        let mut tls = tokio_rustls::TlsAcceptor::from(config)
+            .accept(Transport::new(stream))
             .await
             .map_err(|source| HboneError::Accept { peer, source })?;
+        tls.get_mut().0.buffer();
         let peer_identity = tls::peer_identity(tls.get_ref().1)?;
         let h2 = h2::server::Builder::new()
             .initial_window_size(self.settings.stream_window)
@@ -225,8 +226,15 @@ impl<C: ServerCertificates> Connection<C> {
             .local_addr()
             .map_err(|source| HboneError::Accept { peer, source })?;
         let timeout = self.admission.limits().handshake_timeout;
-        let handshake = Box::pin(self.handshake(stream, local));
-        let Ok(handshake) = tokio::time::timeout(timeout, handshake).await else {
+        let handshake = tokio::time::timeout(timeout, Box::pin(self.handshake(stream, local)));
+        let outcome = tokio::select! {
+            outcome = handshake => outcome,
+            () = handshaking.evicted() => {
+                self.admission.refused(Limit::pending_handshakes, peer, None);
+                return Err(HboneError::Refused { address: peer, limit: Limit::pending_handshakes });
+            }
+        };
+        let Ok(handshake) = outcome else {
             self.admission.refused(Limit::handshake_timeout, peer, None);
             return Err(HboneError::Timeout { address: peer });
         };
@@ -304,21 +312,28 @@ impl<C: ServerCertificates> Connection<C> {
 
 /// Answers a stream with `status` alone and ends it.
 fn respond_status(mut respond: SendResponse<Bytes>, status: StatusCode) {
-    let response = Response::builder().status(status).body(()).expect("status-only response is valid");
+    let response = Response::builder()
+        .status(status)
+        .body(())
+        .expect("status-only response is valid");
     if let Err(error) = respond.send_response(response, true) {
         debug!(%error, %status, "could not send the refusal");
     }
 }
 
 /// Refuses a whole connection whose peer is past its bound: GOAWAY `ENHANCE_YOUR_CALM`, flushed
-/// (for at most a second) before the connection closes.
+/// (for at most a second); the socket then stays open a moment, so that what the peer sent
+/// meanwhile does not reset the connection before the peer has read why it is closed.
 async fn refuse_connection(
     mut h2: h2::server::Connection<super::TlsTransport, Bytes>,
     peer: SocketAddr,
 ) -> Result<(), HboneError> {
+    const LINGER: std::time::Duration = std::time::Duration::from_millis(500);
     h2.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
     let flushed = async { while let Some(Ok(_)) = h2.accept().await {} };
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), flushed).await;
+    tokio::time::sleep(LINGER).await;
+    drop(h2);
     Err(HboneError::Refused {
         address: peer,
         limit: Limit::peer_connections,
