@@ -16,7 +16,7 @@ use std::time::Duration;
 pub use error::HboneError;
 pub use limits::{Admission, EVICTION_AGE, Limit, LimitArgs, ServerLimits};
 pub use pool::{Pool, PoolConfig, PoolKey};
-pub use server::{InboundRequest, Server, ServerCertificates};
+pub use server::{InboundRequest, Server, ServerCertificates, connect_target};
 pub use stream::H2Stream;
 
 /// The well-known HBONE port.

@@ -19,6 +19,12 @@ const SERVED_TYPES: [&str; 4] = [
     L7_POLICY_TYPE_URL,
 ];
 
+/// The most resource names one client may hold subscriptions (and declared initial versions) for,
+/// across all types. Past it the stream ends with `ResourceExhausted`: one client naming millions
+/// of resources would otherwise grow the server without bound. Wildcard subscriptions name nothing
+/// and are not limited. (Type URLs need no limit of their own: only the [`SERVED_TYPES`] are kept.)
+pub(super) const MAX_SUBSCRIBED_NAMES: usize = 100_000;
+
 /// What a client subscribed to within one type, and the versions it holds.
 #[derive(Debug, Default)]
 struct Subscription {
@@ -129,6 +135,12 @@ impl Client {
                 None => debug!(node = %self.node, type_url, nonce = %request.response_nonce, "ACK"),
             }
         }
+        if let Err(status) = self.check_size(&request) {
+            warn!(node = %self.node, id = self.id, type_url, reason = status.message(), "xDS subscription refused");
+            // The stream ends here, so the refusal is logged once.
+            let _ = self.responses.send(Err(status)).await;
+            return false;
+        }
         let new = !self.subscriptions.contains_key(type_url);
         let subscription = self.subscriptions.entry(type_url.to_owned()).or_default();
         if new {
@@ -152,6 +164,31 @@ impl Client {
             return true;
         }
         self.push(type_url, snapshot).await
+    }
+
+    /// Refuses a request that would take the client past [`MAX_SUBSCRIBED_NAMES`].
+    fn check_size(&self, request: &DeltaDiscoveryRequest) -> Result<(), Status> {
+        let held: usize = self.subscriptions.values().map(|s| s.names.len()).sum();
+        let current = self.subscriptions.get(&request.type_url);
+        let added = request
+            .resource_names_subscribe
+            .iter()
+            .filter(|name| *name != "*" && !current.is_some_and(|s| s.names.contains(*name)))
+            .collect::<BTreeSet<_>>()
+            .len();
+        // Initial versions are only read with a type's first request.
+        let declared = if current.is_none() {
+            request.initial_resource_versions.len()
+        } else {
+            0
+        };
+        let total = held + added + declared;
+        if total > MAX_SUBSCRIBED_NAMES {
+            return Err(Status::resource_exhausted(format!(
+                "subscription to {total} resource names (with {declared} initial versions) exceeds the limit of {MAX_SUBSCRIBED_NAMES} per client; subscribe to the wildcard instead"
+            )));
+        }
+        Ok(())
     }
 
     async fn push_all(&mut self, snapshot: &Snapshot) -> bool {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use h2::RecvStream;
 use h2::server::SendResponse;
-use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
@@ -288,10 +288,7 @@ impl<C: ServerCertificates> Connection<C> {
         local: SocketAddr,
         permit: StreamPermit,
     ) -> Option<InboundRequest> {
-        let authority = (request.method() == Method::CONNECT)
-            .then(|| request.uri().authority()?.as_str().parse::<SocketAddr>().ok())
-            .flatten();
-        let Some(authority) = authority else {
+        let Some(authority) = connect_target(request.method(), request.uri()) else {
             debug!(method = %request.method(), uri = %request.uri(), "malformed HBONE request: want CONNECT to ip:port");
             respond_status(respond, StatusCode::BAD_REQUEST);
             return None;
@@ -308,6 +305,15 @@ impl<C: ServerCertificates> Connection<C> {
             permit,
         })
     }
+}
+
+/// The target of an HBONE request: a CONNECT whose authority is `ip:port`; `None` for anything
+/// else (answered 400). Pure, so it is fuzzed on its own (`fuzz/fuzz_targets/hbone_connect.rs`).
+pub fn connect_target(method: &Method, uri: &Uri) -> Option<SocketAddr> {
+    if method != Method::CONNECT {
+        return None;
+    }
+    uri.authority()?.as_str().parse().ok()
 }
 
 /// Answers a stream with `status` alone and ends it.
