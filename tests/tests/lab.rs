@@ -1,5 +1,6 @@
 //! End to end on the lab: the real programs as processes, each node and pod a network namespace,
-//! ztunnel enrolling pods in-pod. Two labs in turn: the L4 demo (`deploy/local/manifests`) and
+//! each pod started through the real `mesh-cni` plugin (run as a container runtime runs it), the
+//! node agent installing its rules and handing it to ztunnel over ZDS. Two labs in turn: the L4 demo (`deploy/local/manifests`) and
 //! the waypoint example (`deploy/local/examples/waypoint`). Each lab serves its scenarios in turn
 //! (each puts back what it changed); it is removed at the end, also when a scenario fails, and
 //! the last scenario checks that nothing of it is left.
@@ -13,13 +14,18 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
+use mesh_lab::plan::Pod;
 use mesh_lab::runner::{self, Lab, Names, Options};
 use mesh_lab::topology::Namespace;
 
-const PREFIX: &str = "mlt-";
+/// The labs' namespace prefixes, each followed by this process's id (`mlt1234-net`): labs of
+/// test runs that overlap (engineers sharing a machine) never touch each other's namespaces.
+const L4_PREFIX: &str = "mlt";
+const L7_PREFIX: &str = "mlw";
 const CLIENT: (&str, &str) = ("demo", "client");
 const LEGACY_CLIENT: (&str, &str) = ("legacy", "legacy-client");
 const SERVER_1: &str = "10.11.2.10:8080";
+const SERVER_2: &str = "10.11.2.11:8080";
 const SERVICE: &str = "10.96.0.10:80";
 const LEGACY_SERVER: &str = "10.11.1.21:8080";
 
@@ -93,7 +99,11 @@ impl Capture {
             .context("tcpdump (is it installed?)")?;
         // tcpdump needs a moment before it sees packets.
         std::thread::sleep(Duration::from_millis(700));
-        Ok(Self { child, output })
+        let mut capture = Self { child, output };
+        if let Some(status) = capture.child.try_wait()? {
+            anyhow::bail!("tcpdump exited ({status}) before capturing: is it installed (apt-get install tcpdump)?");
+        }
+        Ok(capture)
     }
 
     fn finish(mut self) -> anyhow::Result<String> {
@@ -189,40 +199,279 @@ fn legacy_to_ambient_permissive_admits_and_strict_refuses(lab: &mut Lab) -> anyh
     Ok(())
 }
 
-fn labelling_a_namespace_enrols_its_pods_and_unlabelling_unenrols(lab: &mut Lab) -> anyhow::Result<()> {
+/// Labels (or unlabels) namespace `legacy` ambient in the running configuration, as `kubectl
+/// label` would: the Namespace object itself changes (in the lab's copy of the demo manifests).
+fn label_legacy(lab: &Lab, ambient: bool) -> anyhow::Result<()> {
+    let plain = "kind: Namespace\nmetadata:\n  name: legacy\n";
+    let labelled = "kind: Namespace\nmetadata:\n  name: legacy\n  labels: {istio.io/dataplane-mode: ambient}\n";
+    let text = std::fs::read_to_string(lab.dir.join("config").join("demo.yaml"))?;
+    let (from, to) = if ambient { (plain, labelled) } else { (labelled, plain) };
+    ensure!(text.contains(from), "demo.yaml has the legacy Namespace as expected");
+    configure(lab, "demo.yaml", &text.replacen(from, to, 1))
+}
+
+/// Enrolment is decided when a pod starts (the plugin asks the agent, which reads the pod and its
+/// namespace): labelling a namespace enrols its pods as they restart, unlabelling unenrols them.
+fn labelling_a_namespace_enrols_its_pods_at_restart_and_unlabelling_unenrols(lab: &mut Lab) -> anyhow::Result<()> {
     ensure!(!captured(lab, LEGACY_CLIENT), "legacy pods start outside the mesh");
-    configure(
-        lab,
-        "zz-legacy-ambient.yaml",
-        "apiVersion: v1\nkind: Namespace\nmetadata: {name: legacy, labels: {istio.io/dataplane-mode: ambient}}\n",
-    )?;
-    eventually("legacy pods enrolled", || Ok(captured(lab, LEGACY_CLIENT)))?;
+    label_legacy(lab, true)?;
+    for (namespace, name) in [LEGACY_CLIENT, ("legacy", "legacy-server")] {
+        lab.restart_pod(namespace, name)?;
+    }
+    ensure!(captured(lab, LEGACY_CLIENT), "legacy pods enrolled at their restart");
     // Enrolled, the legacy client now speaks mTLS with its own identity: the demo's policy
     // (which admits only demo/client) refuses it by principal, and passthrough to the legacy
-    // server now goes over HBONE too.
-    ensure!(
-        call(lab, LEGACY_CLIENT, SERVER_1, "x")?.is_empty(),
-        "still refused by principal"
-    );
-    ensure!(
-        call(lab, CLIENT, LEGACY_SERVER, "in")? == "legacy-server: in",
-        "client → legacy over HBONE"
-    );
-    unconfigure(lab, "zz-legacy-ambient.yaml")?;
-    eventually("legacy pods unenrolled", || Ok(!captured(lab, LEGACY_CLIENT)))?;
+    // server now goes over HBONE too (once istiod-lite has the label: until then the client's
+    // ztunnel sends it plaintext, which the server's captured inbound also answers).
+    // (The previous scenario's ipBlocks policy may still be in its removal grace period.)
+    eventually("still refused by principal", || {
+        Ok(call(lab, LEGACY_CLIENT, SERVER_1, "x")?.is_empty())
+    })?;
+    eventually("client → legacy over HBONE", || {
+        Ok(call(lab, CLIENT, LEGACY_SERVER, "in")? == "legacy-server: in" && legacy_server_saw_mutual_tls(lab)?)
+    })?;
+    label_legacy(lab, false)?;
+    for (namespace, name) in [LEGACY_CLIENT, ("legacy", "legacy-server")] {
+        lab.restart_pod(namespace, name)?;
+    }
+    ensure!(!captured(lab, LEGACY_CLIENT), "legacy pods unenrolled at their restart");
+    eventually("client → legacy in plaintext again", || {
+        Ok(call(lab, CLIENT, LEGACY_SERVER, "out")? == "legacy-server: out")
+    })?;
     Ok(())
+}
+
+/// Whether node-1's ztunnel counted a connection to the legacy server over mTLS.
+fn legacy_server_saw_mutual_tls(lab: &Lab) -> anyhow::Result<bool> {
+    Ok(tcp_opened(
+        lab,
+        "10.10.0.1:15020",
+        &[
+            "reporter=\"destination\"",
+            "destination_workload=\"legacy-server\"",
+            "connection_security_policy=\"mutual_tls\"",
+        ],
+    )? > 0)
+}
+
+/// `istio_tcp_connections_opened_total` of the ztunnel whose metrics are at `metrics`, summed
+/// over the series carrying every one of `labels`.
+fn tcp_opened(lab: &Lab, metrics: &str, labels: &[&str]) -> anyhow::Result<u64> {
+    let (_, body) = runner::http_get(&lab.names.network(), at(metrics), "/metrics")?;
+    Ok(body
+        .lines()
+        .filter(|l| l.starts_with("istio_tcp_connections_opened_total{") && labels.iter().all(|w| l.contains(w)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum())
 }
 
 fn a_ztunnel_restart_keeps_rules_and_serves_again(lab: &mut Lab) -> anyhow::Result<()> {
     lab.crash_ztunnel("node-2")?;
     ensure!(captured(lab, ("demo", "server-1")), "the rules outlive a crash");
+    ensure!(
+        call(lab, CLIENT, SERVER_1, "while-down")?.is_empty(),
+        "with no ztunnel on node-2, connections to its pods are refused (fail closed)"
+    );
+    // A pod that starts meanwhile does not start: its ADD fails (ztunnel is not connected to the
+    // node agent, a CNI error the runtime retries on) and none of its processes runs.
+    let server_2 = lab.pod("demo", "server-2").cloned().context("demo/server-2")?;
+    lab.stop_pod("demo", "server-2")?;
+    let refused = lab.start_pod(&server_2).map_err(|e| format!("{e:#}"));
+    ensure!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.contains("CNI error 11") && e.contains("ztunnel is not connected")),
+        "starting a pod with no ztunnel on its node: {refused:?}"
+    );
+    ensure!(
+        lab.processes_of("demo", "server-2").is_empty(),
+        "the refused pod's app does not run"
+    );
     lab.restart_ztunnel("node-2")?;
-    eventually("traffic after the restart", || {
-        Ok(call(lab, CLIENT, SERVER_1, "again")? == "server-1: again")
-    })?;
+    // Ready means it has the agent's snapshot: the pods are served at once, no retry needed.
+    let again = call(lab, CLIENT, SERVER_1, "again")?;
+    ensure!(again == "server-1: again", "right after the restart answered {again:?}");
     ensure!(
         captured(lab, ("demo", "server-1")),
         "the rules are in place after the restart"
+    );
+    lab.start_pod(&server_2)?;
+    let started = call(lab, CLIENT, SERVER_2, "started")?;
+    ensure!(
+        started == "server-2: started",
+        "the pod started again answered {started:?}"
+    );
+    Ok(())
+}
+
+/// What a pod's first connection met.
+struct FirstConnection {
+    answer: String,
+    /// From ADD's return to the pod's `connect()`.
+    cue_to_connect: Duration,
+}
+
+/// Issue 11's acceptance: a pod whose first action, the instant ADD returns, is a connection to a
+/// mesh service. Its process is in the pod's namespace before ADD runs and connects as soon as
+/// ADD returns; the connection must be answered and counted by the destination ztunnel over
+/// mTLS with the pod's identity, and no byte of it may cross the wire in the clear; 50 starts.
+///
+/// Each start is a pod of its own (`demo/starter-<i>`, its own address), as a scheduler's fresh
+/// pods are: a pod started again at the address and with the identity of one that just left gets
+/// that one's pooled HBONE connections, which died with its namespace (see `STARTERS`).
+fn a_pod_connecting_the_instant_it_starts_is_carried_over_hbone_50_times(lab: &mut Lab) -> anyhow::Result<()> {
+    let pods = starters(50);
+    let mut manifests = String::from(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: allow-starter, namespace: demo}\nspec:\n  selector: {matchLabels: {app: server}}\n  rules: [{from: [{source: {principals: [cluster.local/ns/demo/sa/starter]}}]}]\n",
+    );
+    for pod in pods.iter().take(STARTERS) {
+        manifests.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: demo, labels: {{app: starter}}}}\nspec: {{serviceAccountName: starter, nodeName: node-1, containers: [{{name: c, image: mesh-lab/idle}}]}}\nstatus: {{podIP: {}, conditions: [{{type: Ready, status: \"True\"}}]}}\n",
+            pod.name, pod.ip
+        ));
+    }
+    configure(lab, "zz-starters.yaml", &manifests)?;
+    let result = pod_start_loop(lab, &pods);
+    for pod in pods.iter().take(STARTERS) {
+        if let Some(sandbox) = lab.sandbox(&pod.namespace, &pod.name).cloned() {
+            let _ = lab.remove_sandbox(&sandbox);
+        }
+    }
+    unconfigure(lab, "zz-starters.yaml")?;
+    result
+}
+
+/// How many distinct pods the starts cycle through. 1 (the same pod, at the same address, each
+/// time) shows a ztunnel bug: from the third start on, the pod's first connection rides a
+/// pooled HBONE connection made from a previous sandbox's namespace, and hangs.
+const STARTERS: usize = 50;
+
+/// `demo/starter-<i>` on node-1 at 10.11.1.(100 + i), service account `starter`.
+fn starters(starts: usize) -> Vec<Pod> {
+    (0..starts)
+        .map(|i| Pod {
+            namespace: "demo".into(),
+            name: format!("starter-{}", i % STARTERS),
+            uid: None,
+            node: "node-1".into(),
+            ip: std::net::Ipv4Addr::new(10, 11, 1, 100 + (i % STARTERS) as u8),
+            apps: Vec::new(),
+            service_account: "starter".into(),
+            gateway: None,
+        })
+        .collect()
+}
+
+fn pod_start_loop(lab: &mut Lab, pods: &[Pod]) -> anyhow::Result<()> {
+    let starts = pods.len();
+    let principal = "source_principal=\"spiffe://cluster.local/ns/demo/sa/starter\"";
+    // istiod-lite has to have told node-1's ztunnel the pods (its outbound knows a source by its
+    // address) and node-2's the policy that admits them.
+    let dump = |lab: &Lab, node: &str| -> anyhow::Result<serde_json::Value> {
+        let namespace = lab.names.node(node);
+        let (_, body) = runner::http_get(&namespace, at("127.0.0.1:15000"), "/config_dump")?;
+        Ok(serde_json::from_str(&body)?)
+    };
+    eventually("node-1's ztunnel knows the starter pods", || {
+        let known = dump(lab, "node-1")?;
+        let addresses: Vec<&serde_json::Value> = known["workloads"]
+            .as_array()
+            .map(|w| w.iter().map(|w| &w["addresses"][0]).collect())
+            .unwrap_or_default();
+        Ok(pods.iter().all(|p| addresses.iter().any(|a| **a == p.ip.to_string())))
+    })?;
+    eventually("node-2's ztunnel has the policy admitting them", || {
+        Ok(dump(lab, "node-2")?["policies"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p == "demo/allow-starter")))
+    })?;
+    let node_2 = "10.10.0.2:15020";
+    let mutual_tls = [
+        principal,
+        "reporter=\"destination\"",
+        "connection_security_policy=\"mutual_tls\"",
+    ];
+    let plaintext = ["reporter=\"destination\"", "connection_security_policy=\"unknown\""];
+    let capture = Capture::start(lab)?;
+    let (mut escapes, mut unanswered) = (Vec::new(), Vec::new());
+    let (mut times, mut adds, mut gaps) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, pod) in pods.iter().enumerate() {
+        let started = Instant::now();
+        let (mtls_before, plain_before) = (
+            tcp_opened(lab, node_2, &mutual_tls)?,
+            tcp_opened(lab, node_2, &plaintext)?,
+        );
+        let sandbox = lab.create_sandbox(pod)?;
+        let payload = format!("first-connection-{i}");
+        // The pod's process: already in its namespace, it connects the moment it is let go.
+        let (go, cue) = std::sync::mpsc::channel::<Instant>();
+        let sent = payload.clone();
+        let process = Namespace::existing(&sandbox.netns).spawn(move || -> anyhow::Result<FirstConnection> {
+            let added = cue.recv()?;
+            let cue_to_connect = added.elapsed();
+            let mut stream = std::net::TcpStream::connect_timeout(&at(SERVICE), Duration::from_secs(3))?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            let _ = std::io::Write::write_all(&mut stream, sent.as_bytes());
+            let _ = stream.shutdown(std::net::Shutdown::Write);
+            let mut answer = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut stream, &mut answer);
+            Ok(FirstConnection {
+                answer: String::from_utf8_lossy(&answer).into_owned(),
+                cue_to_connect,
+            })
+        })?;
+        let adding = Instant::now();
+        let added = lab.cni_add(&sandbox);
+        adds.push(adding.elapsed());
+        // Let the process go only when ADD succeeded (a runtime starts nothing otherwise: the
+        // process's cue is dropped and it ends without connecting).
+        match &added {
+            Ok(()) => go.send(Instant::now())?,
+            Err(_) => drop(go),
+        }
+        added.with_context(|| format!("start {i}"))?;
+        let first = process
+            .join()
+            .map_err(|_| anyhow::anyhow!("the pod's process panicked"))?
+            .and_then(|r| r)
+            .with_context(|| format!("start {i}: the pod's first connection"))?;
+        gaps.push(first.cue_to_connect);
+        lab.remove_sandbox(&sandbox)?;
+        let answered = first.answer.starts_with("server-") && first.answer.ends_with(&payload);
+        let mtls = tcp_opened(lab, node_2, &mutual_tls)? - mtls_before;
+        let plain = tcp_opened(lab, node_2, &plaintext)? - plain_before;
+        if plain > 0 || (answered && mtls == 0) {
+            escapes.push(format!(
+                "start {i}: {plain} plaintext at the destination, answered {answered}, mTLS {mtls}"
+            ));
+        }
+        if !answered {
+            unanswered.push(format!("start {i}: answered {:?}", first.answer));
+        }
+        times.push(started.elapsed());
+    }
+    let wire = capture.finish()?;
+    let total: Duration = times.iter().sum();
+    let mean = total / starts as u32;
+    let slowest = times.iter().max().copied().unwrap_or_default();
+    let widest_gap = gaps.iter().max().copied().unwrap_or_default();
+    let add_mean = adds.iter().sum::<Duration>() / starts as u32;
+    println!(
+        "  {starts} pod starts: {} escapes, {} unanswered; per start {mean:.1?} mean, {slowest:.1?} slowest \
+         (sandbox, ADD, first connection, DEL), of which ADD {add_mean:.1?} mean; ADD's return to \
+         connect() at most {widest_gap:.1?}",
+        escapes.len(),
+        unanswered.len()
+    );
+    ensure!(escapes.is_empty(), "escapes: {escapes:#?}");
+    ensure!(unanswered.is_empty(), "unanswered: {unanswered:#?}");
+    ensure!(
+        !wire.contains("first-connection-"),
+        "a pod's bytes crossed the wire in the clear"
+    );
+    ensure!(
+        wire.contains(&format!("{}.", pods[0].ip)),
+        "the capture saw the starters' traffic:\n{wire}"
     );
     Ok(())
 }
@@ -384,16 +633,14 @@ fn main() {
         return;
     }
     if !mesh_tests::netns::privileged("lab end-to-end scenarios") {
-        println!("test result: ok. 0 passed; 0 failed; 15 ignored; 0 measured; 0 filtered out");
+        println!("test result: ok. 0 passed; 0 failed; 16 ignored; 0 measured; 0 filtered out");
         return;
     }
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/local");
-    let options = |manifests: PathBuf, prefix: &str| Options {
-        topology: root.join("topology.yaml"),
-        manifests,
-        dir: std::env::temp_dir().join(format!("mesh-lab-test-{prefix}{}", std::process::id())),
-        names: Names { prefix: prefix.into() },
-    };
+    for prefix in [L4_PREFIX, L7_PREFIX] {
+        reap_leftovers(prefix);
+    }
+    let options = |manifests: PathBuf, prefix: &str| lab_options(&root, manifests, prefix, std::process::id());
     let l4: Vec<(&str, Scenario)> = vec![
         (
             "cross_node_traffic_is_mutual_tls_on_the_wire",
@@ -409,12 +656,16 @@ fn main() {
             legacy_to_ambient_permissive_admits_and_strict_refuses,
         ),
         (
-            "labelling_a_namespace_enrols_its_pods_and_unlabelling_unenrols",
-            labelling_a_namespace_enrols_its_pods_and_unlabelling_unenrols,
+            "labelling_a_namespace_enrols_its_pods_at_restart_and_unlabelling_unenrols",
+            labelling_a_namespace_enrols_its_pods_at_restart_and_unlabelling_unenrols,
         ),
         (
             "a_ztunnel_restart_keeps_rules_and_serves_again",
             a_ztunnel_restart_keeps_rules_and_serves_again,
+        ),
+        (
+            "a_pod_connecting_the_instant_it_starts_is_carried_over_hbone_50_times",
+            a_pod_connecting_the_instant_it_starts_is_carried_over_hbone_50_times,
         ),
         (
             "the_waypoint_cli_gets_a_waypoint_deployed_and_traffic_follows",
@@ -439,8 +690,8 @@ fn main() {
         ),
     ];
     let labs = [
-        (options(root.join("manifests"), PREFIX), l4),
-        (options(root.join("examples/waypoint"), "mlw-"), l7),
+        (options(root.join("manifests"), L4_PREFIX), l4),
+        (options(root.join("examples/waypoint"), L7_PREFIX), l7),
     ];
     let (mut passed, mut failed) = (0, 0);
     let mut report = |name: &str, result: anyhow::Result<()>| match result {
@@ -453,7 +704,21 @@ fn main() {
             println!("test {name} ... FAILED\n  {error:#}");
         }
     };
-    for (options, scenarios) in labs {
+    // As libtest does: a first argument that is not a flag keeps only the scenarios whose names
+    // contain it (`cargo test -p mesh-tests --test lab -- instant`); a lab left with none is not
+    // brought up.
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let mut filtered = 0;
+    for (options, mut scenarios) in labs {
+        if let Some(filter) = &filter {
+            let before = scenarios.len();
+            scenarios.retain(|(name, _)| name.contains(filter.as_str()));
+            filtered += before - scenarios.len();
+            if scenarios.is_empty() {
+                filtered += 1;
+                continue;
+            }
+        }
         match Lab::up(&options) {
             Ok(mut lab) => {
                 for (name, scenario) in scenarios {
@@ -471,9 +736,41 @@ fn main() {
         }
     }
     let verdict = if failed == 0 { "ok" } else { "FAILED" };
-    println!("\ntest result: {verdict}. {passed} passed; {failed} failed; 0 ignored; 0 measured; 0 filtered out");
+    println!(
+        "\ntest result: {verdict}. {passed} passed; {failed} failed; 0 ignored; 0 measured; {filtered} filtered out"
+    );
     if failed > 0 {
         std::process::exit(1);
+    }
+}
+
+/// A lab of run `pid`: its namespaces are `<prefix><pid>-…`, its files in the temporary directory.
+fn lab_options(root: &std::path::Path, manifests: PathBuf, prefix: &str, pid: u32) -> Options {
+    let prefix = format!("{prefix}{pid}-");
+    Options {
+        topology: root.join("topology.yaml"),
+        manifests,
+        dir: std::env::temp_dir().join(format!("mesh-lab-test-{prefix}")),
+        names: Names { prefix },
+    }
+}
+
+/// Removes the labs of runs that ended without removing them (killed, say): namespaces named
+/// `<prefix><pid>-…` whose process is gone, with whatever their state file lists.
+fn reap_leftovers(prefix: &str) {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/local");
+    let mut dead: Vec<u32> = Namespace::list()
+        .iter()
+        .filter_map(|n| n.strip_prefix(prefix)?.split_once('-')?.0.parse().ok())
+        .filter(|pid| !PathBuf::from(format!("/proc/{pid}")).exists())
+        .collect();
+    dead.sort_unstable();
+    dead.dedup();
+    for pid in dead {
+        let options = lab_options(&root, PathBuf::new(), prefix, pid);
+        if let Ok(removed) = runner::down(&options.dir, &options.names) {
+            println!("removed the lab a run {pid} left behind: {} items", removed.len());
+        }
     }
 }
 
@@ -491,7 +788,7 @@ fn down_leaves_nothing(lab: Lab, options: &Options) -> anyhow::Result<()> {
     lab.down()?;
     let left: Vec<String> = Namespace::list()
         .into_iter()
-        .filter(|n| n.starts_with(PREFIX))
+        .filter(|n| n.starts_with(&options.names.prefix))
         .collect();
     ensure!(left.is_empty(), "namespaces left: {left:?}");
     for pid in pids {

@@ -70,12 +70,19 @@ pub fn run(lab: &Lab) -> anyhow::Result<String> {
     let mut out = String::new();
     writeln!(
         out,
-        "\n== The mesh is up: istiod-lite in {} ({}), a ztunnel in each of {} nodes, {} pods",
+        "\n== The mesh is up: istiod-lite in {} ({}), a node agent and a ztunnel in each of {} nodes, {} pods",
         lab.names.network(),
         lab.topology.controller,
         lab.topology.nodes.len(),
         lab.pods.len()
     )?;
+    writeln!(
+        out,
+        "\n== Pod starts (each pod's sandbox, then mesh-cni ADD as a container runtime runs it, then its apps)"
+    )?;
+    for (pod, outcome) in &lab.enrolment {
+        writeln!(out, "  {pod}: {outcome}")?;
+    }
     writeln!(
         out,
         "\n== Traffic (each pod's app connects to a plain address; it knows nothing of the mesh)"

@@ -7,8 +7,11 @@ use mesh_lab::runner::{self, Lab, Names, Options};
 use mesh_lab::{component, demo};
 
 /// Runs the mesh on this machine: a network namespace per node and per pod, istiod-lite on the
-/// demo manifests, a ztunnel per node capturing its ambient pods' traffic, the pods' apps. Needs
-/// root; touches none of the host's own interfaces.
+/// demo manifests, a node agent and a ztunnel per node capturing its ambient pods' traffic, each
+/// pod started through the mesh-cni plugin (run as a container runtime runs it), then the pods'
+/// apps. Needs root; touches none of the host's own interfaces. The mesh-cni and mesh-node-agent
+/// binaries must be beside this one (`cargo build -p mesh-cni`, with `--release` for a release
+/// build).
 #[derive(Debug, Parser)]
 #[command(name = "mesh-lab", version)]
 enum Command {
@@ -69,6 +72,10 @@ fn main() -> anyhow::Result<()> {
                 println!("  sudo ip netns exec mlab-node-1 nft list ruleset   # nothing here: rules live in pods");
                 println!("  sudo ip netns exec mlab-pod-demo-client nft list table inet ztunnel");
                 println!("  less {}/logs/ztunnel-node-2.log", options.dir.display());
+                println!(
+                    "  less {}/logs/cni.log   # each mesh-cni ADD and DEL the lab ran",
+                    options.dir.display()
+                );
                 println!(
                     "  sudo waypoint apply -n demo --enroll-namespace --config-dir {}/config",
                     options.dir.display()

@@ -33,6 +33,8 @@ pub struct Node {
 pub struct Pod {
     pub namespace: String,
     pub name: String,
+    /// `metadata.uid`, when the manifest gives one (`K8S_POD_UID`; else the lab makes one up).
+    pub uid: Option<String>,
     pub node: String,
     pub ip: Ipv4Addr,
     /// What runs in the pod: an app per container the lab knows the image of.
@@ -178,6 +180,7 @@ impl Topology {
         Ok(Pod {
             namespace,
             name,
+            uid: pod.metadata.uid.clone(),
             node,
             ip,
             apps,

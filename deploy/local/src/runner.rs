@@ -1,7 +1,10 @@
 //! Brings the lab up and down. `lab-net` holds the cluster network (a bridge the nodes hang
 //! off), each node and each pod is a namespace of its own, istiod-lite runs in `lab-net` on the
-//! manifests, a ztunnel (in-pod mode) in each node, each pod's app in its pod. Everything created
-//! is written to a state file first, so `down` removes all of it, also after a crash.
+//! manifests; each node runs the node agent (`mesh-node-agent`) and then ztunnel (in-pod mode, a
+//! ZDS client of that agent). Each pod starts as on a Kubernetes node: its sandbox (namespace and
+//! wiring), then the `mesh-cni` plugin run as a runtime runs it ([`crate::cni`]), and only once
+//! ADD succeeded the pod's apps. Everything created is written to a state file first, so `down`
+//! removes all of it (DEL for each pod first), also after a crash.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -13,9 +16,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, ensure};
 use serde::{Deserialize, Serialize};
 
+use crate::cni::{self, Binaries, CniCommand, Sandbox};
 use crate::component::Process;
 use crate::plan::{App, Pod, Topology};
 use crate::topology::{self, Namespace};
+
+/// The node agent's admin (localhost), metrics and readiness ports in each node's namespace.
+pub const AGENT_ADMIN_PORT: u16 = 15180;
+pub const AGENT_METRICS_PORT: u16 = 15014;
+pub const AGENT_READINESS_PORT: u16 = 8000;
 
 /// Every namespace the lab makes starts with its prefix, so `down` can find leftovers by name.
 pub const DEFAULT_PREFIX: &str = "mlab-";
@@ -45,10 +54,13 @@ impl Names {
 
 /// What `down` must undo.
 #[derive(Debug, Default, Serialize, Deserialize)]
-struct State {
+pub(crate) struct State {
     prefix: String,
     namespaces: Vec<String>,
     pids: Vec<u32>,
+    /// Pod sandboxes from before their ADD until their DEL: `down` runs DEL for each.
+    #[serde(default)]
+    pub(crate) sandboxes: Vec<Sandbox>,
 }
 
 impl State {
@@ -56,7 +68,7 @@ impl State {
         dir.join("state.json")
     }
 
-    fn save(&self, dir: &Path) -> anyhow::Result<()> {
+    pub(crate) fn save(&self, dir: &Path) -> anyhow::Result<()> {
         let path = Self::path(dir);
         let temporary = path.with_extension("tmp");
         std::fs::write(&temporary, serde_json::to_vec_pretty(self)?)?;
@@ -85,10 +97,25 @@ pub struct Lab {
     pub names: Names,
     pub topology: Topology,
     pub pods: Vec<Pod>,
-    state: State,
-    processes: Vec<(String, Process)>,
+    /// The `mesh-cni` plugin and node agent it runs.
+    pub binaries: Binaries,
+    pub(crate) state: State,
+    pub(crate) processes: Vec<Running>,
+    /// Sandboxes made so far: numbers each one's container id, uid and node-side link.
+    pub(crate) sandboxes_made: u32,
     /// Waypoints the lab deployed for Gateways that had no pod: (namespace, gateway) → pod name.
     pub(crate) deployed: std::collections::BTreeMap<(String, String), String>,
+    /// What the last ADD of each pod (`namespace/name`) answered: captured, or why not.
+    pub enrolment: std::collections::BTreeMap<String, String>,
+}
+
+/// A process of the lab: a component (`istiod-lite`, `agent-<node>`, `ztunnel-<node>`) or one
+/// of a pod's apps (its pod named).
+#[derive(Debug)]
+pub(crate) struct Running {
+    pub(crate) name: String,
+    pub(crate) pod: Option<(String, String)>,
+    pub(crate) process: Process,
 }
 
 /// Root is needed for namespaces, links and nftables; say so plainly.
@@ -101,13 +128,14 @@ pub fn require_root() -> anyhow::Result<()> {
 }
 
 impl Lab {
-    /// Builds the network, starts istiod-lite, the ztunnels and the apps, and waits until every
-    /// ztunnel is ready (its pods enrolled, their certificates in). Whatever was left of an earlier
-    /// lab is removed first.
+    /// Builds the network, starts istiod-lite, each node's agent and ztunnel, then each pod (its
+    /// sandbox, the plugin's ADD, its apps), and waits until every waypoint is ready. Whatever was
+    /// left of an earlier lab is removed first.
     pub fn up(options: &Options) -> anyhow::Result<Self> {
         require_root()?;
         let topology = Topology::load(&options.topology)?;
         let pods = topology.pods(&options.manifests)?;
+        let binaries = Binaries::find()?;
         down(&options.dir, &options.names)?;
         for sub in ["config", "ca", "tokens", "logs"] {
             std::fs::create_dir_all(options.dir.join(sub))?;
@@ -120,12 +148,15 @@ impl Lab {
             names: options.names.clone(),
             topology,
             pods,
+            binaries,
             state: State {
                 prefix: options.names.prefix.clone(),
                 ..State::default()
             },
             processes: Vec::new(),
+            sandboxes_made: 0,
             deployed: Default::default(),
+            enrolment: Default::default(),
         };
         let result = lab
             .build()
@@ -140,9 +171,18 @@ impl Lab {
 
     /// Records a namespace in the state file, then creates it.
     pub(crate) fn create_namespace(&mut self, name: &str) -> anyhow::Result<Namespace> {
-        self.state.namespaces.push(name.to_owned());
-        self.state.save(&self.dir)?;
+        if !self.state.namespaces.iter().any(|n| n == name) {
+            self.state.namespaces.push(name.to_owned());
+            self.state.save(&self.dir)?;
+        }
         Ok(Namespace::create(name)?.keep())
+    }
+
+    /// Deletes a namespace, then forgets it in the state file.
+    pub(crate) fn delete_namespace(&mut self, name: &str) -> anyhow::Result<()> {
+        Namespace::delete(name);
+        self.state.namespaces.retain(|n| n != name);
+        self.state.save(&self.dir)
     }
 
     fn build(&mut self) -> anyhow::Result<()> {
@@ -174,31 +214,55 @@ impl Lab {
                 namespace.ip(&["route", "add", &other.pod_cidr, "via", &other.address.to_string()])?;
             }
         }
-        for (index, pod) in self.pods.clone().iter().enumerate() {
-            let namespace = self.create_namespace(&self.names.pod(&pod.namespace, &pod.name))?;
-            let node = Namespace::existing(&self.names.node(&pod.node));
-            topology::attach(Some(&node), &namespace, &format!("p{index}"), pod.ip)?;
-        }
         Ok(())
     }
 
-    /// Starts `role` with `flags` inside `namespace`, its output in `logs/<name>.log`.
-    fn spawn(&mut self, name: &str, namespace: &str, role: &str, flags: &[String]) -> anyhow::Result<()> {
+    /// Starts `role` of the lab's own binary with `flags` inside `namespace`, its output in
+    /// `logs/<name>.log`; `pod` is the pod it belongs to, if any.
+    pub(crate) fn spawn(
+        &mut self,
+        name: &str,
+        namespace: &str,
+        role: &str,
+        flags: &[String],
+        pod: Option<&Pod>,
+    ) -> anyhow::Result<()> {
+        let mut args = vec![crate::component::ROLE_FLAG.to_owned(), role.to_owned()];
+        args.extend_from_slice(flags);
+        self.spawn_program(name, namespace, &std::env::current_exe()?, &args, pod)
+    }
+
+    /// Starts `program args` inside `namespace`, its output in `logs/<name>.log`.
+    fn spawn_program(
+        &mut self,
+        name: &str,
+        namespace: &str,
+        program: &Path,
+        args: &[String],
+        pod: Option<&Pod>,
+    ) -> anyhow::Result<()> {
         // Appended to: a restarted component keeps its predecessor's lines.
         let log = File::options()
             .create(true)
             .append(true)
             .open(self.dir.join("logs").join(format!("{name}.log")))?;
-        let mut command = Command::new("ip");
-        command
+        let child = Command::new("ip")
             .args(["netns", "exec", namespace])
-            .arg(std::env::current_exe()?)
+            .arg(program)
+            .args(args)
             .env("LOG_FORMAT", "json")
-            .stderr(log.try_clone()?);
-        let process = Process::spawn_with(command, role, flags, Stdio::from(log))?;
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("start {name} ({})", program.display()))?;
+        let process = Process { child };
         self.state.pids.push(process.id());
         self.state.save(&self.dir)?;
-        self.processes.push((name.to_owned(), process));
+        self.processes.push(Running {
+            name: name.to_owned(),
+            pod: pod.map(|p| (p.namespace.clone(), p.name.clone())),
+            process,
+        });
         Ok(())
     }
 
@@ -226,28 +290,21 @@ impl Lab {
             format!("--readiness-addr={controller}:15021"),
         ];
         let network = self.names.network();
-        self.spawn("istiod-lite", &network, "istiod-lite", &flags)?;
+        self.spawn("istiod-lite", &network, "istiod-lite", &flags, None)?;
         wait_ready(&network, SocketAddr::from((controller, 15021)), "istiod-lite")?;
+        for node in self.topology.nodes.clone() {
+            self.start_agent(&node)?;
+        }
         for node in self.topology.nodes.clone() {
             self.start_ztunnel(&node)?;
         }
-        for pod in self.pods.clone() {
-            let namespace = self.names.pod(&pod.namespace, &pod.name);
-            for app in &pod.apps {
-                match app {
-                    App::Echo(port) | App::Http(port) => {
-                        let role = if matches!(app, App::Echo(_)) { "echo" } else { "http" };
-                        let flags = [format!("--listen={}:{port}", pod.ip), format!("--name={}", pod.name)];
-                        let name = format!("app-{}-{}-{port}", pod.namespace, pod.name);
-                        self.spawn(&name, &namespace, role, &flags)?;
-                    }
-                    App::Waypoint => self.spawn_waypoint(&pod)?,
-                }
-            }
-        }
+        // ztunnel is ready once it has the agent's first snapshot: from then on ADD reaches it.
         for node in &self.topology.nodes {
             let readiness = SocketAddr::from((node.address, 15021));
             wait_ready(&network, readiness, &format!("ztunnel on {}", node.name))?;
+        }
+        for pod in self.pods.clone() {
+            self.start_pod(&pod)?;
         }
         for pod in self.pods.iter().filter(|p| p.apps.contains(&App::Waypoint)) {
             let readiness = SocketAddr::from((pod.ip, 15021));
@@ -276,15 +333,51 @@ impl Lab {
             &namespace,
             "waypoint",
             &flags,
+            Some(pod),
         )
     }
 
     /// Stops the process called `name`, if it runs.
     pub(crate) fn stop_process(&mut self, name: &str) {
-        if let Some(at) = self.processes.iter().position(|(n, _)| n == name) {
-            let (_, mut process) = self.processes.remove(at);
-            process.stop();
+        if let Some(at) = self.processes.iter().position(|r| r.name == name) {
+            let mut running = self.processes.remove(at);
+            running.process.stop();
         }
+    }
+
+    /// Where a node's agent and ztunnel keep their sockets and the agent its held pods.
+    pub fn node_dir(&self, node: &str) -> PathBuf {
+        self.dir.join("nodes").join(node)
+    }
+
+    /// Starts the node agent of `node` in the node's namespace and waits until it is ready (its
+    /// CNI and ZDS sockets listen). It reads the pods from the lab's configuration directory.
+    fn start_agent(&mut self, node: &crate::plan::Node) -> anyhow::Result<()> {
+        let dir = self.node_dir(&node.name);
+        std::fs::create_dir_all(&dir)?;
+        let at = |file: &str| dir.join(file).display().to_string();
+        let args = [
+            format!("--config-dir={}", self.path("config")),
+            format!("--cni-socket={}", at("agent.sock")),
+            format!("--zds-socket={}", at("ztunnel.sock")),
+            format!("--state-file={}", at("pods.json")),
+            format!("--admin-addr=127.0.0.1:{AGENT_ADMIN_PORT}"),
+            format!("--metrics-addr={}:{AGENT_METRICS_PORT}", node.address),
+            format!("--readiness-addr={}:{AGENT_READINESS_PORT}", node.address),
+        ];
+        let agent = self.binaries.agent.clone();
+        self.spawn_program(
+            &format!("agent-{}", node.name),
+            &self.names.node(&node.name),
+            &agent,
+            &args,
+            None,
+        )?;
+        wait_ready(
+            &self.names.network(),
+            SocketAddr::from((node.address, AGENT_READINESS_PORT)),
+            &format!("node agent on {}", node.name),
+        )
     }
 
     pub(crate) fn config_dir(&self) -> PathBuf {
@@ -299,7 +392,10 @@ impl Lab {
             format!("--root-cert={}", self.path("ca/root-cert.pem")),
             format!("--token-file={}", self.path(&format!("tokens/{}", node.name))),
             "--redirect=inpod".into(),
-            format!("--netns-dir={}", topology::NETNS_DIR),
+            format!(
+                "--zds-socket={}",
+                self.node_dir(&node.name).join("ztunnel.sock").display()
+            ),
             "--admin-addr=127.0.0.1:15000".into(),
             format!("--metrics-addr={}:15020", node.address),
             format!("--readiness-addr={}:15021", node.address),
@@ -310,6 +406,7 @@ impl Lab {
             &self.names.node(&node.name),
             "ztunnel",
             &flags,
+            None,
         )?;
         Ok(())
     }
@@ -319,39 +416,53 @@ impl Lab {
         self.pods.iter().find(|p| p.namespace == namespace && p.name == name)
     }
 
-    /// Stops every process (ztunnels first and gently, so they remove their rules) and removes
-    /// every namespace.
+    /// Takes everything down as a node would: the pods' apps stop, DEL runs for each pod, the
+    /// ztunnels and agents stop gently (SIGTERM), the rest goes, then every namespace.
     pub fn down(mut self) -> anyhow::Result<()> {
-        for (name, process) in &mut self.processes {
-            if name.starts_with("ztunnel") {
+        for mut running in self.processes.extract_if(.., |r| r.pod.is_some()).collect::<Vec<_>>() {
+            running.process.stop();
+        }
+        for sandbox in self.state.sandboxes.clone().into_iter().rev() {
+            let ran = cni::run(&self.binaries, CniCommand::Del, &sandbox);
+            self.log_cni(CniCommand::Del, &sandbox, &ran);
+            match ran {
+                Ok(_) => {
+                    self.state.sandboxes.retain(|s| s.container_id != sandbox.container_id);
+                    self.state.save(&self.dir)?;
+                }
+                Err(error) => eprintln!("{error:#}"),
+            }
+        }
+        for component in ["ztunnel-", "agent-"] {
+            let stopping = |r: &Running| r.name.starts_with(component);
+            for running in self.processes.iter().filter(|r| stopping(r)) {
                 let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(process.id() as i32),
+                    nix::unistd::Pid::from_raw(running.process.id() as i32),
                     nix::sys::signal::Signal::SIGTERM,
                 );
             }
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        for (name, process) in &mut self.processes {
-            while name.starts_with("ztunnel") && Instant::now() < deadline {
-                if process.child.try_wait().ok().flatten().is_some() {
-                    break;
+            let deadline = Instant::now() + Duration::from_secs(5);
+            for running in self.processes.iter_mut().filter(|r| stopping(r)) {
+                while Instant::now() < deadline && running.process.child.try_wait().ok().flatten().is_none() {
+                    std::thread::sleep(Duration::from_millis(20));
                 }
-                std::thread::sleep(Duration::from_millis(50));
             }
         }
         self.processes.clear();
         down(&self.dir, &self.names).map(drop)
     }
 
-    /// Restarts the ztunnel of `node` the hard way (SIGKILL, as a crash): its rules stay behind.
+    /// Stops the ztunnel of `node` the hard way (SIGKILL, as a crash): the agent keeps its pods
+    /// (and their rules), so their connections are refused until a ztunnel takes them again.
     pub fn crash_ztunnel(&mut self, node: &str) -> anyhow::Result<()> {
         let name = format!("ztunnel-{node}");
-        anyhow::ensure!(self.processes.iter().any(|(n, _)| *n == name), "no ztunnel on {node}");
+        anyhow::ensure!(self.processes.iter().any(|r| r.name == name), "no ztunnel on {node}");
         self.stop_process(&name);
         Ok(())
     }
 
-    /// Starts the ztunnel of `node` again and waits until it is ready.
+    /// Starts the ztunnel of `node` again and waits until it is ready (it has the agent's
+    /// snapshot: every pod the agent holds).
     pub fn restart_ztunnel(&mut self, node: &str) -> anyhow::Result<()> {
         let node = self
             .topology
@@ -367,11 +478,25 @@ impl Lab {
     }
 }
 
-/// Removes what the state file in `dir` lists, then any namespace named like the lab's, then the
-/// directory. What it removed, for the record.
+/// Removes what the state file in `dir` lists (DEL first for each pod sandbox still there, while
+/// its agent may still run), then any namespace named like the lab's, then the directory. What it
+/// removed, for the record.
 pub fn down(dir: &Path, names: &Names) -> anyhow::Result<Vec<String>> {
     let mut removed = Vec::new();
     let state = State::load(dir).unwrap_or_default();
+    if !state.sandboxes.is_empty() {
+        match Binaries::find() {
+            Ok(binaries) => {
+                for sandbox in state.sandboxes.iter().rev() {
+                    match cni::run(&binaries, CniCommand::Del, sandbox) {
+                        Ok(_) => removed.push(format!("pod {} (CNI DEL)", sandbox.pod())),
+                        Err(error) => eprintln!("{error:#}"),
+                    }
+                }
+            }
+            Err(error) => eprintln!("no CNI DEL for the lab's pods (their namespaces go anyway): {error:#}"),
+        }
+    }
     for pid in &state.pids {
         let pid = nix::unistd::Pid::from_raw(*pid as i32);
         if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).is_ok() {

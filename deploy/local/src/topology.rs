@@ -112,13 +112,22 @@ impl Namespace {
 
     /// Runs `f` on a thread of its own inside this namespace: sockets it creates belong here.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
+        self.spawn(f)?
+            .join()
+            .map_err(|_| anyhow::anyhow!("thread in namespace {} panicked", self.name))?
+    }
+
+    /// Starts `f` on a thread of its own inside this namespace without waiting for it (a pod's
+    /// process, say: it enters the namespace first and then waits for its cue).
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<T>>> {
         let file = std::fs::File::open(self.path())?;
-        std::thread::spawn(move || {
+        Ok(std::thread::spawn(move || {
             setns(&file, CloneFlags::CLONE_NEWNET)?;
             Ok(f())
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("thread in namespace {} panicked", self.name))?
+        }))
     }
 }
 
@@ -156,7 +165,9 @@ pub fn attach(node: Option<&Namespace>, pod: &Namespace, link: &str, ip: Ipv4Add
     veth(node, link, pod)?;
     node_ip(node, &["addr", "add", &format!("{POD_GATEWAY}/32"), "dev", link])?;
     node_ip(node, &["link", "set", link, "up"])?;
-    node_ip(node, &["route", "add", &format!("{ip}/32"), "dev", link])?;
+    // `replace`: a previous sandbox of the same pod may linger (a socket still holds its
+    // namespace) with its own link and route; the new one takes the pod's address over.
+    node_ip(node, &["route", "replace", &format!("{ip}/32"), "dev", link])?;
     pod.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
     pod.ip(&["link", "set", "eth0", "up"])?;
     pod.ip(&["route", "add", &POD_GATEWAY.to_string(), "dev", "eth0", "scope", "link"])?;

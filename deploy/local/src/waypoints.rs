@@ -11,7 +11,6 @@ use anyhow::Context as _;
 
 use crate::plan::{App, Pod};
 use crate::runner::{Lab, wait_ready};
-use crate::topology::{self, Namespace};
 
 /// `(namespace, name)` of every Gateway of class `istio-waypoint` in `dir`.
 pub fn declared(dir: &Path) -> anyhow::Result<BTreeSet<(String, String)>> {
@@ -94,6 +93,7 @@ impl Lab {
         let pod = Pod {
             namespace: namespace.clone(),
             name: format!("{gateway}-0"),
+            uid: None,
             node: node.clone(),
             ip,
             apps: vec![App::Waypoint],
@@ -104,15 +104,14 @@ impl Lab {
             "# Deployed by the lab for Gateway {namespace}/{gateway}.\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {namespace}, labels: {{gateway.networking.k8s.io/gateway-name: {gateway}, istio.io/dataplane-mode: none}}}}\nspec: {{serviceAccountName: {gateway}, nodeName: {node}, containers: [{{name: proxy, image: mesh-lab/waypoint}}]}}\nstatus: {{podIP: {ip}, conditions: [{{type: Ready, status: \"True\"}}]}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: {gateway}, namespace: {namespace}}}\nspec: {{selector: {{gateway.networking.k8s.io/gateway-name: {gateway}}}, clusterIP: 10.96.255.{slot}, ports: [{{name: mesh, port: 15008}}]}}\n",
             name = pod.name
         );
-        let pod_namespace = self.create_namespace(&self.names.pod(namespace, &pod.name))?;
-        let node_namespace = Namespace::existing(&self.names.node(&node));
-        topology::attach(Some(&node_namespace), &pod_namespace, &format!("w{slot}"), ip)?;
+        // The manifest first: the node agent reads the pod from it at ADD (and istiod-lite signs
+        // for it only once it knows the pod).
         let path = self.config_dir().join(file_name(namespace, gateway));
         let temporary = path.with_extension("tmp");
         std::fs::write(&temporary, manifests)?;
         std::fs::rename(&temporary, &path)?;
-        self.spawn_waypoint(&pod)?;
         self.pods.push(pod.clone());
+        self.start_pod(&pod)?;
         self.deployed
             .insert((namespace.clone(), gateway.clone()), pod.name.clone());
         wait_ready(
@@ -127,9 +126,8 @@ impl Lab {
             return Ok(());
         };
         let (namespace, gateway) = key;
-        self.stop_process(&format!("waypoint-{namespace}-{name}"));
+        self.stop_pod(namespace, &name)?;
         let _ = std::fs::remove_file(self.config_dir().join(file_name(namespace, gateway)));
-        Namespace::delete(&self.names.pod(namespace, &name));
         self.pods.retain(|p| !(p.namespace == *namespace && p.name == name));
         Ok(())
     }
