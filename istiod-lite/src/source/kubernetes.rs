@@ -191,7 +191,7 @@ impl Watches {
                             }
                             Failure::Forbidden => error!(
                                 kind,
-                                "the API forbids reading {resource}: {message}; grant istiod-lite get, list and watch on {resource}"
+                                "the API forbids reading {resource}: {message}; grant istiod-lite list and watch on {resource}"
                             ),
                             Failure::Other => warn!(kind, "watching {resource} failed: {message}; retrying with backoff"),
                         }
