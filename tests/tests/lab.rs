@@ -296,7 +296,15 @@ fn a_ztunnel_restart_keeps_rules_and_serves_again(lab: &mut Lab) -> anyhow::Resu
         "the rules are in place after the restart"
     );
     lab.start_pod(&server_2)?;
-    let started = call(lab, CLIENT, SERVER_2, "started")?;
+    // The pod is captured when start_pod returns; its app process may still be binding its port.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let started = loop {
+        let started = call(lab, CLIENT, SERVER_2, "started")?;
+        if started == "server-2: started" || Instant::now() >= deadline {
+            break started;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     ensure!(
         started == "server-2: started",
         "the pod started again answered {started:?}"
