@@ -15,11 +15,8 @@ mod support;
 #[path = "plugin/ztunnel.rs"]
 mod ztunnel;
 
-use std::path::Path;
-use std::process::Command;
-
 use kube_api_double::ApiServer;
-use rbac::{Rbac, requests_of};
+use rbac::{Rbac, rendered, requests_of};
 use serde_json::Value;
 use support::{Agent, Invocation, PodNetns, TempDir, privileged};
 use ztunnel::Ztunnel;
@@ -28,31 +25,6 @@ const NAMESPACE: &str = "istio-system";
 const ACCOUNT: &str = "mesh-node-agent";
 const USER: &str = "system:serviceaccount:istio-system:mesh-node-agent";
 const TOKEN: &str = "mesh-node-agent-rbac-token";
-
-/// `kubectl kustomize deploy/kubernetes`, or `None` (skipped with a message) without kubectl,
-/// except in CI (`CI=true`), where that is a failure.
-fn rendered(test: &str) -> Option<Vec<Value>> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes");
-    let output = match Command::new("kubectl").arg("kustomize").arg(&dir).output() {
-        Ok(output) => output,
-        Err(error) => {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "{test}: needs kubectl ({error}), and CI=true requires it to run"
-            );
-            eprintln!("SKIPPED {test}: needs kubectl ({error})");
-            return None;
-        }
-    };
-    assert!(
-        output.status.success(),
-        "kubectl kustomize {}: {}",
-        dir.display(),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let documents: Vec<Value> = serde_saphyr::from_multiple(&String::from_utf8(output.stdout).unwrap()).unwrap();
-    Some(documents.into_iter().filter(|d| !d.is_null()).collect())
-}
 
 /// The node agent container's arguments, as the DaemonSet gives them.
 fn deployed_args(documents: &[Value]) -> Vec<String> {

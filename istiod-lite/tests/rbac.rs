@@ -14,15 +14,13 @@ mod process;
 #[path = "../../deploy/validate/src/rbac.rs"]
 mod rbac;
 
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
 use kube_api_double::ApiServer;
 use mesh_core::identity::SpiffeId;
 use process::{Istiod, Scratch, request_certificate};
-use rbac::{Access, Rbac, requests_of};
+use rbac::{Access, Rbac, rendered, requests_of};
 use serde_json::{Value, json};
 use tokio::task::block_in_place;
 
@@ -31,31 +29,6 @@ const ACCOUNT: &str = "istiod-lite";
 const USER: &str = "system:serviceaccount:istio-system:istiod-lite";
 const TOKEN: &str = "istiod-lite-rbac-token";
 const WAIT: Duration = Duration::from_secs(30);
-
-/// `kubectl kustomize deploy/kubernetes`, or `None` (skipped with a message) without kubectl,
-/// except in CI (`CI=true`), where that is a failure.
-fn rendered(test: &str) -> Option<Vec<Value>> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes");
-    let output = match Command::new("kubectl").arg("kustomize").arg(&dir).output() {
-        Ok(output) => output,
-        Err(error) => {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "{test}: needs kubectl ({error}), and CI=true requires it to run"
-            );
-            eprintln!("SKIPPED {test}: needs kubectl ({error})");
-            return None;
-        }
-    };
-    assert!(
-        output.status.success(),
-        "kubectl kustomize {}: {}",
-        dir.display(),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let documents: Vec<Value> = serde_saphyr::from_multiple(&String::from_utf8(output.stdout).unwrap()).unwrap();
-    Some(documents.into_iter().filter(|d| !d.is_null()).collect())
-}
 
 /// The istiod-lite container's arguments and environment as the Deployment gives them (the
 /// downward API resolved as the kubelet would), each variable as the flag that reads it.

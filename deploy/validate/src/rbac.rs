@@ -355,3 +355,32 @@ impl Grants {
 fn group(group: &str) -> &str {
     if group.is_empty() { "core" } else { group }
 }
+
+/// `kubectl kustomize deploy/kubernetes` (relative to the including crate's directory), or `None` (skipped with a message) without kubectl,
+/// except in CI (`CI=true`), where that is a failure.
+pub fn rendered(test: &str) -> Option<Vec<Value>> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes");
+    let output = match std::process::Command::new("kubectl")
+        .arg("kustomize")
+        .arg(&dir)
+        .output()
+    {
+        Ok(output) => output,
+        Err(error) => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "{test}: needs kubectl ({error}), and CI=true requires it to run"
+            );
+            eprintln!("SKIPPED {test}: needs kubectl ({error})");
+            return None;
+        }
+    };
+    assert!(
+        output.status.success(),
+        "kubectl kustomize {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let documents: Vec<Value> = serde_saphyr::from_multiple(&String::from_utf8(output.stdout).unwrap()).unwrap();
+    Some(documents.into_iter().filter(|d| !d.is_null()).collect())
+}
